@@ -1,0 +1,47 @@
+# The two commands of the README:  make book  (build the book on the embedded miniature)
+#                                   make test  (run the test suite)
+# Both start from a fresh clone: they create .venv, install the pinned dependencies and the
+# Fashion-MNIST Debian package when missing, then do their job.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export MERGELIB_CACHE ?= $(CURDIR)/.cache/mergelib
+export PYTHONUNBUFFERED := 1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: book test setup data notebooks clean
+
+book: setup data
+	$(BIN)/mergelib book
+
+test: setup data
+	$(BIN)/python -m pytest
+
+setup: $(VENV)/.installed
+
+# Reinstall when the dependency pins change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# animal-mnist is a data-only wheel whose metadata pulls in TensorFlow; we only read its files.
+	$(BIN)/python -m pip install --quiet --no-deps animal-mnist==0.4
+	touch $@
+
+data:
+	@if [ ! -f $(FASHION_MNIST) ] && [ -z "$$MERGELIB_FASHION_MNIST" ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's dataset-fashion-mnist"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing and apt-get is unavailable: download the four IDX .gz files and set MERGELIB_FASHION_MNIST to their folder" >&2; exit 1; \
+	  fi; \
+	fi
+
+notebooks: setup data
+	$(BIN)/mergelib notebooks
+
+clean:
+	rm -rf _build book/_generated results/miniature

@@ -1,0 +1,12 @@
+"""mergelib: subspace-based model merging of CLIP experts (SCORE, ESM and their baselines).
+
+The mathematics is pure functions over task vectors (dicts of tensors), registered by name in
+:data:`METHODS`; the models, data and protocols live in their own modules.
+"""
+
+from .methods import METHODS, merge
+from .task_vectors import apply_task_vector as apply
+from .task_vectors import task_vector
+
+__version__ = "0.1.0"
+__all__ = ["METHODS", "merge", "apply", "task_vector", "__version__"]

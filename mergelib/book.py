@@ -1,0 +1,69 @@
+"""Execute the book's notebooks with papermill, then build the Jupyter Book (1.x).
+
+The notebooks in ``notebooks/`` are committed without outputs. :func:`execute_notebooks` runs each
+with papermill (a failing cell raises, so the build fails) into ``book/_generated/``, which
+``_toc.yml`` points at; :func:`build_book` then runs ``jupyter-book build -W -n --keep-going``
+with execution off, so every number on a page comes from the papermill run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .provenance import REPO_ROOT
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+GENERATED_DIR = REPO_ROOT / "book" / "_generated"
+
+
+@dataclass(frozen=True)
+class BookNotebook:
+    name: str  # file stem in notebooks/
+    parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the notebook's defaults
+
+
+# In book order. The defaults of each notebook's `parameters` cell are the embedded miniature.
+NOTEBOOKS: tuple[BookNotebook, ...] = (BookNotebook("01_domain_generalization"),)
+
+
+def execute_notebook(
+    source: Path, output: Path, parameters: dict[str, Any] | None = None, *, log_output: bool = True
+) -> Path:
+    """Run one notebook with papermill; tag papermill's injected cell so the book hides it."""
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(
+        str(source), str(output), parameters=parameters or {}, cwd=str(source.parent),
+        log_output=log_output, progress_bar=False, kernel_name="python3",
+    )
+    notebook = json.loads(output.read_text())
+    for cell in notebook["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "remove-cell" not in tags:
+            tags.append("remove-cell")  # the run's parameters are printed by the notebook itself
+    output.write_text(json.dumps(notebook, indent=1, ensure_ascii=False))
+    return output
+
+
+def execute_notebooks(output_dir: Path = GENERATED_DIR, *, log_output: bool = True) -> list[Path]:
+    outputs = []
+    for entry in NOTEBOOKS:
+        start = time.perf_counter()
+        print(f"[mergelib] executing notebooks/{entry.name}.ipynb with papermill", flush=True)
+        outputs.append(execute_notebook(NOTEBOOK_DIR / f"{entry.name}.ipynb", output_dir / f"{entry.name}.ipynb",
+                                        entry.parameters, log_output=log_output))
+        print(f"[mergelib] notebooks/{entry.name}.ipynb: {time.perf_counter() - start:.1f} s", flush=True)
+    return outputs
+
+
+def build_book(root: Path = REPO_ROOT) -> None:
+    """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail)."""
+    command = [sys.executable, "-m", "jupyter_book", "build", "-W", "-n", "--keep-going", str(root)]
+    subprocess.run(command, check=True)

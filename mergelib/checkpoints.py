@@ -1,0 +1,119 @@
+"""Checkpoints as safetensors files with a JSON manifest, cached and verified by content hash.
+
+A checkpoint ``NAME.safetensors`` has a manifest ``NAME.json`` beside it that records what the
+weights are (backbone, dataset, domain, hyperparameters, seed), the hash of the configuration
+that produced them (``key``) and the SHA-256 of the safetensors file. :func:`cached_state` reuses
+a checkpoint only when the key matches and the file hashes to the recorded value; a truncated or
+altered file is reported, deleted and rebuilt, never used. Writes are atomic (temporary file,
+then rename), so an interrupted run leaves no half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CorruptCheckpointError
+
+log = logging.getLogger(__name__)
+MANIFEST_VERSION = 1
+
+
+def config_hash(obj: Any) -> str:
+    """Stable SHA-256 of a JSON-serialisable configuration (key order does not matter)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def manifest_path(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``state`` to ``path`` (safetensors) and its manifest; return the manifest written."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    full = {**manifest, "format": MANIFEST_VERSION, "file": path.name, "sha256": sha256_file(path)}
+    text = json.dumps(full, indent=2, sort_keys=True, default=str)
+    _atomic_write(manifest_path(path), lambda tmp: tmp.write_text(text))
+    return full
+
+
+def load_state(path: Path, *, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint after checking it against its manifest.
+
+    Raises :class:`CorruptCheckpointError` when the manifest is missing or unreadable, the key
+    differs from ``key``, or the file's hash does not match (truncated or modified file).
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise CorruptCheckpointError(f"checkpoint {path}: manifest missing or unreadable ({error})") from error
+    if key is not None and manifest.get("key") != key:
+        raise CorruptCheckpointError(f"checkpoint {path}: made for another configuration (key mismatch)")
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint {path}: weights file missing")
+    actual = sha256_file(path)
+    if actual != manifest.get("sha256"):
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: content hash {actual[:12]}… does not match the manifest's "
+            f"{str(manifest.get('sha256'))[:12]}… (truncated or modified file)"
+        )
+    try:
+        return load_file(str(path)), manifest
+    except (SafetensorError, OSError) as error:  # pragma: no cover - the hash check catches these first
+        raise CorruptCheckpointError(f"checkpoint {path}: unreadable ({error})") from error
+
+
+def cached_state(
+    path: Path,
+    key: str,
+    build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return the checkpoint at ``path`` if valid for ``key``; otherwise build, save and return it.
+
+    ``build()`` returns ``(state, manifest fields)``. A corrupt file is logged, removed and rebuilt.
+    """
+    path = Path(path)
+    if path.exists() or manifest_path(path).exists():
+        try:
+            return load_state(path, key=key)
+        except CorruptCheckpointError as error:
+            log.warning("%s; rebuilding it", error)
+            print(f"[mergelib] {error}; rebuilding it", flush=True)
+            for stale in (path, manifest_path(path)):
+                stale.unlink(missing_ok=True)
+    state, fields = build()
+    manifest = save_state(path, state, {**fields, "key": key})
+    return state, manifest

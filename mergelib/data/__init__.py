@@ -1,0 +1,34 @@
+"""Deterministic small image benchmarks (32x32 RGB uint8) generated from real offline images.
+
+* :mod:`.fashion_mnist`: Fashion-MNIST (Zalando, MIT licence) from the Debian package
+  ``dataset-fashion-mnist`` or ``$MERGELIB_FASHION_MNIST``; the fixed partition that keeps the
+  benchmark, the pretraining pool and the ``fashion`` task disjoint.
+* :mod:`.domains`: six visual domains rendered from grey images, the domain-generalisation
+  benchmark and the contrastive pretraining pool (textures: scikit-image data, BSD licence).
+* :mod:`.suite`: the mini multi-task suite (Fashion-MNIST; scikit-learn's digits; the animal
+  silhouettes of the ``animal-mnist`` wheel, MIT licence; scikit-image texture patches).
+* :mod:`.imageset`: the :class:`ImageSet` container.
+"""
+
+from .domains import (
+    DEFAULT_DOMAINS,
+    DOMAIN_BENCHMARK_TEMPLATES,
+    DOMAINS,
+    Domain,
+    DomainBenchmark,
+    caption_for,
+    make_domain_benchmark,
+    make_pretraining_pool,
+    render_domain,
+)
+from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, DatasetNotFoundError, load_fashion_mnist
+from .imageset import ImageSet, UnknownNameError
+from .suite import TASKS, TaskSpec, make_task
+
+__all__ = [
+    "ImageSet", "UnknownNameError", "DatasetNotFoundError",
+    "DOMAINS", "DEFAULT_DOMAINS", "Domain", "render_domain", "caption_for", "DOMAIN_BENCHMARK_TEMPLATES",
+    "make_domain_benchmark", "make_pretraining_pool", "DomainBenchmark",
+    "TASKS", "TaskSpec", "make_task",
+    "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_REGIONS",
+]

@@ -1,0 +1,41 @@
+"""Exceptions with messages that say what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class MergelibError(Exception):
+    """Base class of the errors raised on purpose by mergelib."""
+
+    def __str__(self) -> str:  # plain message, never repr-quoted (KeyError quotes its argument)
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownNameError(MergelibError, KeyError):
+    """A registry lookup with a name that is not registered."""
+
+    def __init__(self, kind: str, name: object, valid: Iterable[str]):
+        valid = sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid {kind} names: {', '.join(valid)}")
+        self.kind, self.name, self.valid = kind, name, valid
+
+
+class BackboneUnavailableError(MergelibError, RuntimeError):
+    """The backbone's pretrained weights cannot be obtained (typically: offline)."""
+
+
+class ParameterError(MergelibError, TypeError):
+    """A run parameter (papermill or function argument) has the wrong type or value."""
+
+
+class CorruptCheckpointError(MergelibError, ValueError):
+    """A cached checkpoint does not match its manifest (truncated, edited, or foreign)."""
+
+
+def lookup(registry: dict, kind: str, name: str):
+    """``registry[name]`` or an :class:`UnknownNameError` that lists the valid names."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise UnknownNameError(kind, name, registry) from None

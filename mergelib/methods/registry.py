@@ -1,0 +1,114 @@
+"""The registry of merging methods and the checks every merge goes through.
+
+A method is a pure function ``f(task_vectors, *, param=default, ...) -> merged task vector``
+over a list of dicts (parameter name -> tensor). :func:`register` records it under a name with
+its paper, arXiv id, equation and defaults (read from the keyword-only parameters);
+:func:`merge` validates the inputs and parameters and calls it. The result is the merged task
+vector before any global coefficient, which :func:`mergelib.task_vectors.apply_task_vector`
+(or :func:`mergelib.apply`) adds to the pretrained weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import ParameterError, lookup
+
+TaskVector = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    function: Callable[..., TaskVector]
+    paper: str
+    arxiv: str | None
+    equation: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.function) or ""
+        return doc.split("\n\n")[0].replace("\n", " ")
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, *, paper: str, arxiv: str | None, equation: str) -> Callable:
+    """Decorator: register ``function`` as merging method ``name``."""
+
+    def decorator(function: Callable[..., TaskVector]) -> Callable[..., TaskVector]:
+        if name in METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        signature = inspect.signature(function)
+        defaults = {
+            p.name: p.default
+            for p in signature.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty]
+        if missing:
+            raise ValueError(f"merge method {name!r}: keyword parameters need defaults: {missing}")
+        METHODS[name] = MergeMethod(name, function, paper, arxiv, equation, defaults)
+        return function
+
+    return decorator
+
+
+def validate_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
+    """Check that the task vectors can be merged; return them as a list.
+
+    They must be a non-empty sequence of dicts with identical keys, shapes and dtypes, of
+    floating-point tensors without NaN or Inf.
+    """
+    if isinstance(task_vectors, Mapping):
+        raise TypeError("task_vectors must be a sequence of dicts (one per task), not a single dict")
+    vectors = list(task_vectors)
+    if not vectors:
+        raise ValueError("cannot merge an empty list of task vectors")
+    first = vectors[0]
+    for index, vector in enumerate(vectors):
+        if not isinstance(vector, Mapping):
+            raise TypeError(f"task vector {index} is a {type(vector).__name__}, not a dict of tensors")
+        if vector.keys() != first.keys():
+            extra, missing = sorted(set(vector) - set(first)), sorted(set(first) - set(vector))
+            raise ValueError(
+                f"task vector {index} has different keys from task vector 0: "
+                f"extra {extra[:3]}, missing {missing[:3]}"
+            )
+        for key, tensor in vector.items():
+            ref = first[key]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"task vector {index}[{key!r}] is a {type(tensor).__name__}, not a tensor")
+            if tensor.shape != ref.shape:
+                raise ValueError(f"{key!r}: task vector {index} has shape {tuple(tensor.shape)}, task vector 0 {tuple(ref.shape)}")
+            if tensor.dtype != ref.dtype:
+                raise ValueError(f"{key!r}: task vector {index} has dtype {tensor.dtype}, task vector 0 {ref.dtype}")
+            if not tensor.is_floating_point():
+                raise TypeError(f"{key!r}: task vectors must be floating point, got {tensor.dtype}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{key!r}: task vector {index} contains NaN or Inf")
+    return vectors
+
+
+def merge(name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], **params: Any) -> TaskVector:
+    """Merge ``task_vectors`` with the registered method ``name``.
+
+    Half-precision inputs are merged in float32 and returned in their own dtype.
+    """
+    method = lookup(METHODS, "merge method", name)
+    unknown = sorted(set(params) - set(method.defaults))
+    if unknown:
+        valid = ", ".join(sorted(method.defaults)) or "none"
+        raise ParameterError(f"merge method {name!r} has no parameter(s) {unknown}; valid parameters: {valid}")
+    vectors = validate_task_vectors(task_vectors)
+    dtypes = {key: tensor.dtype for key, tensor in vectors[0].items()}
+    if any(d in (torch.float16, torch.bfloat16) for d in dtypes.values()):
+        vectors = [{k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tv.items()} for tv in vectors]
+    merged = method.function(vectors, **{**method.defaults, **params})
+    return {key: merged[key].to(dtypes[key]) for key in dtypes}

@@ -1,0 +1,42 @@
+"""Weight averaging and task arithmetic.
+
+* ``weight_average``: the mean of the task vectors, i.e. averaging the experts' weights
+  ("model soups", Wortsman et al., arXiv 2203.05482): ``tau = (1/T) sum_t tau_t``.
+* ``task_arithmetic``: the sum of the task vectors (Ilharco et al., arXiv 2212.04089):
+  ``tau = sum_t tau_t``; the model is ``theta_0 + lambda * tau``, with ``lambda`` the global
+  coefficient given at application time. SCORE's released code calls this method ``avg`` but
+  computes this sum, and applies it with coefficient 1.0.
+
+Both treat every tensor alike (no matrix/non-matrix distinction).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .registry import TaskVector, register
+
+
+@register(
+    "weight_average",
+    paper="Model soups: averaging weights of multiple fine-tuned models (Wortsman et al., ICML 2022)",
+    arxiv="2203.05482",
+    equation=r"\tau = \frac{1}{T}\sum_{t=1}^{T}\tau_t",
+)
+def weight_average(task_vectors: Sequence[TaskVector]) -> TaskVector:
+    """Average the task vectors (equivalently, average the experts' weights)."""
+    count = len(task_vectors)
+    return {key: torch.stack([tv[key] for tv in task_vectors]).sum(0) / count for key in task_vectors[0]}
+
+
+@register(
+    "task_arithmetic",
+    paper="Editing models with task arithmetic (Ilharco et al., ICLR 2023)",
+    arxiv="2212.04089",
+    equation=r"\tau = \sum_{t=1}^{T}\tau_t",
+)
+def task_arithmetic(task_vectors: Sequence[TaskVector]) -> TaskVector:
+    """Sum the task vectors; the global coefficient lambda is applied with the merged vector."""
+    return {key: torch.stack([tv[key] for tv in task_vectors]).sum(0) for key in task_vectors[0]}

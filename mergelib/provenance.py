@@ -1,0 +1,78 @@
+"""Provenance of results (git commit, versions, parameters, seeds, timings) and stage timing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """The commit of ``repo`` and whether its tracked files have uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict[str, str]:
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in ("mergelib", "torch", "open_clip_torch", "numpy", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def provenance(parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git": git_state(),
+        "versions": versions(),
+        "parameters": parameters,
+        **extra,
+    }
+
+
+class StageTimer:
+    """Times named stages and prints each one as it ends (``[mergelib] stage: 1.2 s``)."""
+
+    def __init__(self, verbose: bool = True):
+        self.seconds: dict[str, float] = {}
+        self.verbose = verbose
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if self.verbose:
+                print(f"[mergelib] {name}: {elapsed:.1f} s", flush=True)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny pretrained CLIP and a small benchmark, made once per test session."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mergelib.miniature import MiniatureConfig
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns at each random initialisation
+
+# A budget small enough for CI (2 cores) yet exercising every stage of the real pipeline.
+TINY = dict(
+    domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
+    batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
+    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0],
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mergelib-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(cache_dir) -> MiniatureConfig:
+    return MiniatureConfig.from_parameters(**TINY, cache_dir=str(cache_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_config, cache_dir):
+    from mergelib.pretrain import pretrained_tiny_clip
+
+    torch.set_num_threads(2)
+    clip, manifest = pretrained_tiny_clip(tiny_config.pretrain, cache_dir, progress=False)
+    return clip

@@ -1,0 +1,48 @@
+"""Run parameters (papermill's): types, names and ranges are checked with clear messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergelib.errors import ParameterError, UnknownNameError
+from mergelib.miniature import MiniatureConfig
+
+
+def test_loose_values_are_coerced():
+    config = MiniatureConfig.from_parameters(domains=["photo", "sketch"], coefficients=[1, 0.5], epochs=2)
+    assert config.domains == ("photo", "sketch") and config.coefficients == (1.0, 0.5)
+    assert config.finetune.epochs == 2 and config.pretrain.seed == config.seed
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"epochs": "three"}, "'epochs' must be int, got str 'three'"),
+        ({"epochs": 2.5}, "'epochs' must be int"),
+        ({"epochs": True}, "'epochs' must be int"),
+        ({"seed": None}, "'seed' must be int"),
+        ({"domains": "photo"}, "'domains' must be a list of str"),
+        ({"methods": ["task_arithmetic", 3]}, r"'methods\[1\]' must be str"),
+        ({"coefficients": ["1.0"]}, r"'coefficients\[0\]' must be float"),
+        ({"epoch": 3}, "unknown parameter.*valid parameters: .*epochs"),
+        ({"epochs": 0}, "'epochs' must be at least 1"),
+        ({"domains": ["photo"]}, "at least two domains"),
+    ],
+)
+def test_wrong_parameters_are_named(params, message):
+    with pytest.raises(ParameterError, match=message):
+        MiniatureConfig.from_parameters(**params)
+
+
+@pytest.mark.parametrize(
+    "params, kind, valid",
+    [
+        ({"backbone": "ViT-Z"}, "backbone", "tiny-clip"),
+        ({"domains": ["photo", "cubism"]}, "domain", "halftone"),
+        ({"methods": ["ties_typo"]}, "merge method", "task_arithmetic"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(params, kind, valid):
+    with pytest.raises(UnknownNameError) as info:
+        MiniatureConfig.from_parameters(**params)
+    assert f"unknown {kind}" in str(info.value) and valid in str(info.value)
