@@ -22,12 +22,22 @@ def finetuned(tiny_clip):
 
 def test_round_trip_restores_the_finetuned_weights_exactly(finetuned):
     pretrained, tuned = finetuned
-    vector = task_vector(tuned, pretrained)
+    vector = task_vector(tuned, pretrained, dtype=torch.float64)
     restored = apply_task_vector(pretrained, vector, alpha=1.0)
     assert restored.keys() == tuned.keys()
     for key in tuned:
         assert torch.equal(restored[key], tuned[key]), key
     assert any(v.abs().max() > 0 for v in vector.values())
+
+
+def test_float32_task_vectors_restore_to_within_rounding(finetuned):
+    pretrained, tuned = finetuned
+    vector = task_vector(tuned, pretrained)
+    assert all(v.dtype == torch.float32 for v in vector.values())
+    restored = apply_task_vector(pretrained, vector)
+    for key in tuned:
+        ulp = torch.finfo(torch.float32).eps * torch.maximum(tuned[key].abs(), pretrained[key].abs())
+        assert ((restored[key] - tuned[key]).abs() <= ulp).all(), key
 
 
 def test_keys_use_open_clip_names_and_load_back(tiny_clip, finetuned):
