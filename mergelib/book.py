@@ -65,5 +65,19 @@ def execute_notebooks(output_dir: Path = GENERATED_DIR, *, log_output: bool = Tr
 
 def build_book(root: Path = REPO_ROOT) -> None:
     """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail)."""
-    command = [sys.executable, "-m", "jupyter_book", "build", "-W", "-n", "--keep-going", str(root)]
+    executable = Path(sys.executable).with_name("jupyter-book")
+    command = [str(executable), "build", "-W", "-n", "--keep-going", str(root)]
     subprocess.run(command, check=True)
+
+
+def glue(name: str, value: Any) -> None:
+    """``myst_nb.glue`` without display, converting numpy scalars to Python numbers.
+
+    myst-nb formats glued numbers (``{glue:text}`key:.1f```) from their text repr, which for a
+    numpy scalar is ``np.float64(...)`` and cannot be formatted.
+    """
+    from myst_nb import glue as myst_glue
+
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    myst_glue(name, value, display=False)
