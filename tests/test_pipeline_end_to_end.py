@@ -1,0 +1,80 @@
+"""End to end on a very small budget: the pipeline, its cache, and the notebook through papermill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mergelib.miniature import run_domain_generalization
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_config, tmp_path):
+    first = run_domain_generalization(tiny_config, results_dir=tmp_path / "a", progress=False)
+    results = pd.read_csv(tmp_path / "a" / "results.csv")
+    assert set(results.held_out) == set(tiny_config.domains)
+    merges = results[results.coefficient.notna()]
+    assert len(merges) == len(tiny_config.domains) * len(tiny_config.methods) * len(tiny_config.coefficients)
+    assert results.accuracy.between(0, 1).all() and results.balanced_accuracy.between(0, 1).all()
+    record = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert record["parameters"]["domains"] == list(tiny_config.domains)
+    assert {"commit", "dirty"} <= set(record["git"]) and record["seeds"]["data"] == tiny_config.seed
+    assert set(record["experts"]) == set(tiny_config.domains)
+
+    # second run: every expert comes from the cache, and the results are identical
+    second = run_domain_generalization(tiny_config, results_dir=tmp_path / "b", progress=False)
+    assert second.timings["fine-tune experts"] < first.timings["fine-tune experts"] or first.timings["fine-tune experts"] < 1
+    pd.testing.assert_frame_equal(first.results, second.results)
+
+    # a truncated expert checkpoint is detected, rebuilt, and gives the same results again
+    path = Path(tiny_config.cache_dir) / "experts" / "tiny-clip" / "fashion-domains"
+    victim = sorted(path.glob("sketch-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    third = run_domain_generalization(tiny_config, results_dir=None, progress=False)
+    pd.testing.assert_frame_equal(first.results, third.results)
+
+
+def _papermill(tmp_path, **parameters):
+    import papermill
+
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "01_domain_generalization.ipynb"), str(out),
+                               parameters=parameters, cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    return out
+
+
+def test_notebook_runs_with_tiny_parameters_and_the_book_builds(tiny_config, tmp_path, monkeypatch):
+    from conftest import TINY
+
+    monkeypatch.setenv("MERGELIB_CACHE", tiny_config.cache_dir)
+    params = {k: v for k, v in TINY.items() if k not in ("lr", "warmup_steps", "batch_size")}
+    out = _papermill(tmp_path, **params, results_dir=str(tmp_path / "results"))
+    assert (tmp_path / "results" / "results.csv").exists()
+    # build the book from this executed notebook, with warnings as errors
+    book = tmp_path / "book"
+    book.mkdir()
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, book / name)
+    shutil.copytree(ROOT / "book", book / "book", ignore=shutil.ignore_patterns("_generated"))
+    (book / "book" / "_generated").mkdir()
+    shutil.copy(out, book / "book" / "_generated" / "01_domain_generalization.ipynb")
+    jb = Path(sys.executable).with_name("jupyter-book")
+    done = subprocess.run([str(jb), "build", "-W", "-n", "--keep-going", str(book)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (book / "_build" / "html" / "book" / "_generated" / "01_domain_generalization.html").exists()
+
+
+def test_notebook_rejects_a_parameter_of_the_wrong_type(tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as info:
+        _papermill(tmp_path, epochs="three")
+    assert "'epochs' must be int, got str 'three'" in str(info.value)
