@@ -42,7 +42,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -62,10 +63,10 @@ def save_state(path: Path, state: dict[str, torch.Tensor], manifest: dict[str, A
     """Write ``state`` to ``path`` (safetensors) and its manifest; return the manifest written."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     full = {**manifest, "format": MANIFEST_VERSION, "file": path.name, "sha256": sha256_file(path)}
     text = json.dumps(full, indent=2, sort_keys=True, default=str)
-    _atomic_write(manifest_path(path), lambda tmp: tmp.write_text(text))
+    atomic_write(manifest_path(path), lambda tmp: tmp.write_text(text))
     return full
 
 

@@ -38,7 +38,7 @@ class FinetuneConfig:
 
 
 PAPER_FINETUNE = FinetuneConfig()  # SCORE's released recipe (epochs set per dataset)
-MINIATURE_FINETUNE = FinetuneConfig(epochs=3, batch_size=128, lr=3e-4, weight_decay=0.1, warmup_steps=5, seed=5)
+MINIATURE_FINETUNE = FinetuneConfig(epochs=3, batch_size=128, lr=1e-4, weight_decay=0.1, warmup_steps=5, seed=5)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:

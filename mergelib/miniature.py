@@ -51,7 +51,7 @@ class MiniatureConfig:
     epochs: int = 3
     methods: tuple[str, ...] = ("weight_average", "task_arithmetic")
     coefficients: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
-    n_train: int = 2000
+    n_train: int = 4000
     n_test: int = 1000
     lr: float = MINIATURE_FINETUNE.lr
     batch_size: int = MINIATURE_FINETUNE.batch_size
@@ -60,6 +60,7 @@ class MiniatureConfig:
     pretrain_per_domain: int = 6000
     pretrain_per_task: int = 1000
     pretrain_domains: tuple[str, ...] = ("photo", "negative", "texture")
+    fine_caption_fraction: float = PretrainConfig.fine_caption_fraction
     device: str = "auto"
     cache_dir: str = ""  # "" means default_cache_dir()
 
@@ -100,7 +101,8 @@ class MiniatureConfig:
     @property
     def pretrain(self) -> PretrainConfig:
         return PretrainConfig(pool_domains=self.pretrain_domains, n_per_domain=self.pretrain_per_domain,
-                              n_per_task=self.pretrain_per_task, epochs=self.pretrain_epochs, seed=self.seed)
+                              n_per_task=self.pretrain_per_task, epochs=self.pretrain_epochs,
+                              fine_caption_fraction=self.fine_caption_fraction, seed=self.seed)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -71,8 +71,8 @@ class StageTimer:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    """Write ``payload`` as JSON atomically (an interrupted run leaves the old file or none)."""
+    from .checkpoints import atomic_write
+
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
