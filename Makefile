@@ -10,7 +10,7 @@ export MERGELIB_CACHE ?= $(CURDIR)/.cache/mergelib
 export PYTHONUNBUFFERED := 1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: book test setup data notebooks clean
+.PHONY: book test setup data notebooks recipe-study clean
 
 book: setup data
 	$(BIN)/mergelib book
@@ -42,6 +42,10 @@ data:
 
 notebooks: setup data
 	$(BIN)/mergelib notebooks
+
+# Slow (about 20 minutes from empty caches): the recipe variants compared in the first chapter.
+recipe-study: setup data
+	$(BIN)/mergelib recipe-study
 
 clean:
 	rm -rf _build book/_generated results/miniature

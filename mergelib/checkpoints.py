@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CorruptCheckpointError
 
-log = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 
 
@@ -104,15 +103,15 @@ def cached_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return the checkpoint at ``path`` if valid for ``key``; otherwise build, save and return it.
 
-    ``build()`` returns ``(state, manifest fields)``. A corrupt file is logged, removed and rebuilt.
+    ``build()`` returns ``(state, manifest fields)``. A corrupt file is reported on stderr, removed
+    and rebuilt.
     """
     path = Path(path)
     if path.exists() or manifest_path(path).exists():
         try:
             return load_state(path, key=key)
         except CorruptCheckpointError as error:
-            log.warning("%s; rebuilding it", error)
-            print(f"[mergelib] {error}; rebuilding it", flush=True)
+            print(f"[mergelib] {error}; rebuilding it", file=sys.stderr, flush=True)
             for stale in (path, manifest_path(path)):
                 stale.unlink(missing_ok=True)
     state, fields = build()

@@ -25,6 +25,14 @@ def _notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_study(args: argparse.Namespace) -> int:
+    from .miniature import STUDY_DIR, run_recipe_study
+
+    run_recipe_study()
+    print(f"[mergelib] recipe study written to {STUDY_DIR}", flush=True)
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     book.add_argument("--skip-notebooks", action="store_true", help="build from the notebooks already executed")
     book.set_defaults(run=_book)
     commands.add_parser("notebooks", help="execute the notebooks with papermill only").set_defaults(run=_notebooks)
+    commands.add_parser("recipe-study", help="rerun the miniature recipe study (results/studies/miniature_recipe)").set_defaults(run=_recipe_study)
     commands.add_parser("methods", help="list the registered merging methods").set_defaults(run=_methods)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -233,3 +233,41 @@ def run_domain_generalization(
         matrix.to_csv(results_dir / "expert_matrix.csv", index=False)
         write_json(results_dir / "provenance.json", record)
     return MiniatureRun(config, results, matrix, backbone.manifest, manifests, dict(timer.seconds), record, results_dir)
+
+
+# The recipe variants behind the miniature's defaults (see the first chapter). Each is a set of
+# overrides of MiniatureConfig; "default" is the configuration the book runs.
+RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
+    "fine captions, lr 3e-4, 2000/domain": dict(fine_caption_fraction=1.0, lr=3e-4, n_train=2000),
+    "fine captions, lr 3e-5, 2000/domain": dict(fine_caption_fraction=1.0, lr=3e-5, n_train=2000),
+    "fine captions, 1 pretraining epoch, lr 1e-4": dict(fine_caption_fraction=1.0, pretrain_epochs=1, lr=1e-4, n_train=2000),
+    "coarse captions only, lr 1e-4, 2000/domain": dict(fine_caption_fraction=0.0, lr=1e-4, n_train=2000),
+    "10 % fine captions, lr 1e-4, 2000/domain": dict(fine_caption_fraction=0.1, lr=1e-4, n_train=2000),
+    "25 % fine captions, lr 1e-4, 2000/domain": dict(fine_caption_fraction=0.25, lr=1e-4, n_train=2000),
+    "default: 25 % fine captions, lr 1e-4, 4000/domain": {},
+}
+STUDY_DIR = REPO_ROOT / "results" / "studies" / "miniature_recipe"
+
+
+def run_recipe_study(
+    base: MiniatureConfig = MiniatureConfig(methods=("weight_average",), coefficients=(1.0,)),
+    variants: dict[str, dict[str, Any]] = RECIPE_VARIANTS,
+    *,
+    results_dir: Path | None = STUDY_DIR,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the leave-one-domain-out experiment for each recipe variant; return the tidy results."""
+    frames, configs = [], {}
+    for name, overrides in variants.items():
+        config = replace(base, **overrides)
+        if progress:
+            print(f"[mergelib] recipe variant: {name}", flush=True)
+        run = run_domain_generalization(config, results_dir=None, progress=progress)
+        frames.append(run.results.assign(variant=name))
+        configs[name] = config.as_dict()
+    results = pd.concat(frames, ignore_index=True)
+    if results_dir is not None:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        results.to_csv(Path(results_dir) / "results.csv", index=False)
+        write_json(Path(results_dir) / "provenance.json", provenance(base.as_dict(), variants=configs))
+    return results

@@ -63,7 +63,8 @@ class StageTimer:
             elapsed = time.perf_counter() - start
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
             if self.verbose:
-                print(f"[mergelib] {name}: {elapsed:.1f} s", flush=True)
+                # stderr: shown on the console (papermill streams it), left out of the book's pages
+                print(f"[mergelib] {name}: {elapsed:.1f} s", file=sys.stderr, flush=True)
 
     @property
     def total(self) -> float:

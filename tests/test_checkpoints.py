@@ -60,7 +60,7 @@ def test_corrupted_checkpoint_is_detected_and_rebuilt(tmp_path, damage, capsys):
     state, manifest = cached_state(path, "key-1", _builder(calls, value=3.0))
     assert len(calls) == 2 and torch.equal(state["w"], torch.full((4, 4), 3.0))
     assert load_state(path, key="key-1")[1]["sha256"] == manifest["sha256"]
-    assert "rebuilding" in capsys.readouterr().out
+    assert "rebuilding" in capsys.readouterr().err
 
 
 def test_a_different_configuration_is_not_reused(tmp_path):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mergelib.backbones import batch_to_model_input
 from mergelib.data import make_domain_benchmark, make_task, TASKS
 from mergelib.finetune import FinetuneConfig, finetune_image_encoder, lr_factor
-from mergelib.heads import ImageClassifier, zero_shot_head
+from mergelib.heads import ClassificationHead, ImageClassifier, zero_shot_head
 from mergelib.task_vectors import load_encoder_state
 
 
@@ -42,7 +42,10 @@ def sketch_run(tiny_clip):
     from mergelib.task_vectors import encoder_state
 
     bench = make_domain_benchmark(("sketch",), n_train=256, n_test=8, seed=0)
-    head = zero_shot_head(tiny_clip, bench.classnames, ("a photo of a {}.",))
+    # a frozen head with well-separated prototypes, so the test measures the fine-tuning
+    # mechanics rather than how far the session's barely pretrained text tower got
+    prototypes = torch.linalg.qr(torch.randn(128, 10, generator=torch.Generator().manual_seed(0)))[0].T
+    head = ClassificationHead(30.0 * prototypes, bench.classnames)
     config = FinetuneConfig(epochs=2, batch_size=64, lr=1e-3, warmup_steps=2, seed=3)
     pretrained = encoder_state(tiny_clip.model.visual)
     state, losses = finetune_image_encoder(tiny_clip, head, bench.train["sketch"], config, progress=False)
@@ -54,8 +57,7 @@ def test_finetuning_lowers_the_loss(sketch_run):
     clip, head, bench, pretrained, state, _, losses = sketch_run
     train = bench.train["sketch"]
     before, after = _loss(clip, head, pretrained, train), _loss(clip, head, state, train)
-    # the session's CLIP is barely pretrained (near-collinear class prototypes), so the drop is modest
-    assert after < before - 0.02, (before, after)
+    assert after < 0.8 * before, (before, after)
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert len(losses) == 2 * 4
 
