@@ -29,6 +29,10 @@ class ParameterError(MergelibError, TypeError):
     """A run parameter (papermill or function argument) has the wrong type or value."""
 
 
+class ParameterValueError(MergelibError, ValueError):
+    """A method or run parameter has a value outside its valid range or choices."""
+
+
 class CorruptCheckpointError(MergelibError, ValueError):
     """A cached checkpoint does not match its manifest (truncated, edited, or foreign)."""
 

@@ -1,6 +1,17 @@
-"""Merging methods, one module per family, all registered in :data:`METHODS` by name."""
+"""Merging methods, one module per family, all registered in :data:`METHODS` by name.
 
-from . import task_arithmetic  # noqa: F401  (registers its methods)
+Every module of this package except the infrastructure (``registry``, ``common``) is a method
+family; importing the package imports them all, so each registers its methods.
+"""
+
+import importlib
+import pkgutil
+
 from .registry import METHODS, MergeMethod, merge, register, validate_task_vectors
+
+_INFRASTRUCTURE = {"registry", "common"}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["METHODS", "MergeMethod", "merge", "register", "validate_task_vectors"]

@@ -1,11 +1,15 @@
 """The registry of merging methods and the checks every merge goes through.
 
-A method is a pure function ``f(task_vectors, *, param=default, ...) -> merged task vector``
-over a list of dicts (parameter name -> tensor). :func:`register` records it under a name with
-its paper, arXiv id, equation and defaults (read from the keyword-only parameters);
-:func:`merge` validates the inputs and parameters and calls it. The result is the merged task
-vector before any global coefficient, which :func:`mergelib.task_vectors.apply_task_vector`
-(or :func:`mergelib.apply`) adds to the pretrained weights.
+A method is a pure function ``f(task_vectors, *, device, param=default, ...) -> merged task
+vector`` over a list of dicts (parameter name -> tensor). :func:`register` records it under a
+name with its paper, arXiv id, equation, defaults (read from the keyword-only parameters) and
+the places where it follows the released code rather than the paper's text; :func:`merge`
+validates the inputs and parameters and calls it. The result is the merged task vector before
+any global coefficient, which :func:`mergelib.task_vectors.apply_task_vector` (or
+:func:`mergelib.apply`) adds to the pretrained weights.
+
+Half-precision inputs are merged in float32 (each method widens one tensor name at a time, see
+:mod:`mergelib.methods.common`) and returned in their own dtype, on their own device.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ParameterError, lookup
+from .common import TaskVector, resolve_device
 
-TaskVector = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class MergeMethod:
     arxiv: str | None
     equation: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    code_notes: tuple[str, ...] = ()  # where it follows the released code rather than the paper
 
     @property
     def summary(self) -> str:
@@ -39,8 +44,14 @@ class MergeMethod:
 METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, *, paper: str, arxiv: str | None, equation: str) -> Callable:
-    """Decorator: register ``function`` as merging method ``name``."""
+def register(
+    name: str, *, paper: str, arxiv: str | None, equation: str, code_notes: Sequence[str] = ()
+) -> Callable:
+    """Decorator: register ``function`` as merging method ``name``.
+
+    ``function`` takes the task vectors and keyword-only parameters, each with a default; the
+    keyword ``device`` (the compute device chosen by :func:`merge`) is not a parameter.
+    """
 
     def decorator(function: Callable[..., TaskVector]) -> Callable[..., TaskVector]:
         if name in METHODS:
@@ -49,12 +60,12 @@ def register(name: str, *, paper: str, arxiv: str | None, equation: str) -> Call
         defaults = {
             p.name: p.default
             for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "device"
         }
         missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty]
         if missing:
             raise ValueError(f"merge method {name!r}: keyword parameters need defaults: {missing}")
-        METHODS[name] = MergeMethod(name, function, paper, arxiv, equation, defaults)
+        METHODS[name] = MergeMethod(name, function, paper, arxiv, equation, defaults, tuple(code_notes))
         return function
 
     return decorator
@@ -96,8 +107,21 @@ def validate_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]]) ->
     return vectors
 
 
-def merge(name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], **params: Any) -> TaskVector:
+def merge(
+    name: str,
+    task_vectors: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    device: str | torch.device | None = None,
+    **params: Any,
+) -> TaskVector:
     """Merge ``task_vectors`` with the registered method ``name``.
+
+    Args:
+        name: a key of :data:`METHODS` (``mergelib methods`` lists them).
+        task_vectors: one dict (parameter name -> tensor) per task, identical keys, shapes, dtypes.
+        device: where to compute (``None``/``"auto"``: CUDA when available, else the CPU); the
+            result comes back on the inputs' device.
+        **params: the method's parameters; unknown names are an error.
 
     Half-precision inputs are merged in float32 and returned in their own dtype.
     """
@@ -107,8 +131,6 @@ def merge(name: str, task_vectors: Sequence[Mapping[str, torch.Tensor]], **param
         valid = ", ".join(sorted(method.defaults)) or "none"
         raise ParameterError(f"merge method {name!r} has no parameter(s) {unknown}; valid parameters: {valid}")
     vectors = validate_task_vectors(task_vectors)
-    dtypes = {key: tensor.dtype for key, tensor in vectors[0].items()}
-    if any(d in (torch.float16, torch.bfloat16) for d in dtypes.values()):
-        vectors = [{k: v.float() if v.dtype in (torch.float16, torch.bfloat16) else v for k, v in tv.items()} for tv in vectors]
-    merged = method.function(vectors, **{**method.defaults, **params})
-    return {key: merged[key].to(dtypes[key]) for key in dtypes}
+    merged = method.function(vectors, device=resolve_device(device), **{**method.defaults, **params})
+    first = vectors[0]
+    return {key: merged[key].to(device=first[key].device, dtype=first[key].dtype) for key in first}

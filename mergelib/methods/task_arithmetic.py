@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from .registry import TaskVector, register
+from .common import TaskVector, merge_per_key
+from .registry import register
 
 
 @register(
@@ -25,10 +26,10 @@ from .registry import TaskVector, register
     arxiv="2203.05482",
     equation=r"\tau = \frac{1}{T}\sum_{t=1}^{T}\tau_t",
 )
-def weight_average(task_vectors: Sequence[TaskVector]) -> TaskVector:
+def weight_average(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
     """Average the task vectors (equivalently, average the experts' weights)."""
     count = len(task_vectors)
-    return {key: torch.stack([tv[key] for tv in task_vectors]).sum(0) / count for key in task_vectors[0]}
+    return merge_per_key(task_vectors, lambda key, stack: stack.sum(0) / count, device=device)
 
 
 @register(
@@ -36,7 +37,9 @@ def weight_average(task_vectors: Sequence[TaskVector]) -> TaskVector:
     paper="Editing models with task arithmetic (Ilharco et al., ICLR 2023)",
     arxiv="2212.04089",
     equation=r"\tau = \sum_{t=1}^{T}\tau_t",
+    code_notes=("SCORE's released code names this method `avg` although it computes the sum, "
+                "applied with coefficient 1.0.",),
 )
-def task_arithmetic(task_vectors: Sequence[TaskVector]) -> TaskVector:
+def task_arithmetic(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
     """Sum the task vectors; the global coefficient lambda is applied with the merged vector."""
-    return {key: torch.stack([tv[key] for tv in task_vectors]).sum(0) for key in task_vectors[0]}
+    return merge_per_key(task_vectors, lambda key, stack: stack.sum(0), device=device)

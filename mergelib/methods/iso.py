@@ -1,0 +1,134 @@
+"""Iso-C and Iso-CTS: isotropic merging (Marczak et al., ICML 2025, arXiv 2502.04959).
+
+Matrix rule (as released): 2-D tensors whose name does not contain ``text_projection`` take the
+matrix path; every other tensor is averaged over the tasks.
+
+**Iso-C** (Alg. 1, Eqs. 7-9): with the task-arithmetic sum ``M = sum_t Delta_t = U S V^T``
+(thin SVD, ``r = min(m, n)`` values), every singular value is replaced by their mean,
+
+    tau = mean(diag S) * U V^T,
+
+so the merged update acts with the same strength in every direction of the sum's subspace.
+
+**Iso-CTS** (Alg. 2, Eqs. 10-14): a common subspace from the sum plus task-specific directions.
+With ``k_0 = int(f r)`` (``common_fraction`` f = 0.8), ``S = round((r - k_0) / T) T`` task-specific
+slots (Python ``round``, half to even), common size ``c = r - S`` and ``s = S / T`` per task:
+keep the top-c triplets of ``M``; for each task, remove the common *left* subspace,
+``R_t = Delta_t - U_c U_c^T Delta_t``, and keep the top-s triplets of ``R_t``; place the task blocks
+first and the common block last (as released; the paper writes the common block first, which
+does not matter since the spectrum becomes flat), orthogonalise the stacked left and right
+vectors by their polar factors, and use the mean of all ``r`` kept singular values:
+
+    tau = mean(sigma) * polar([U~_1 .. U~_T | U_c]) polar([V~_1 .. V~_T | V_c])^T.
+
+Following the released code rather than the text: the slot sizes above (e.g. r = 768, T = 3
+gives c = 615, s = 51), the left-only projection of the residual, non-matrix tensors averaged,
+and the global coefficient alpha applied afterwards to every tensor (the paper tunes alpha on
+validation data; SCORE's protocol fixes it at 1).
+
+When the sum is rank-deficient, its zero singular directions get the mean value too, and which
+directions they are is the SVD routine's choice (as in the released code).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .common import TaskVector, check_fraction, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd
+from .registry import register
+
+
+def iso_c_matrix(stack: torch.Tensor) -> torch.Tensor:
+    """Iso-C of one matrix: ``stack`` is ``[T, m, n]``."""
+    u, s, vh = torch.linalg.svd(stack.sum(dim=0), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def iso_cts_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """``(common size c, per-task size s)`` of Iso-CTS for a matrix of rank ``rank``, as released."""
+    initial_common = int(common_fraction * rank)
+    task_slots = round((rank - initial_common) / tasks) * tasks
+    common = rank - task_slots
+    return common, task_slots // tasks
+
+
+def iso_cts_matrix(stack: torch.Tensor, common_fraction: float) -> torch.Tensor:
+    """Iso-CTS of one matrix: ``stack`` is ``[T, m, n]``."""
+    tasks, m, n = stack.shape
+    common, per_task = iso_cts_sizes(min(m, n), tasks, common_fraction)
+    u, s, vh = svd(stack.sum(dim=0))
+    u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
+    lefts, values, rights = [], [], []
+    if per_task > 0:
+        residual = stack - u_common @ (u_common.T @ stack)
+        u_t, s_t, vh_t = svd(residual)
+        lefts.append(u_t[:, :, :per_task].permute(1, 0, 2).reshape(m, tasks * per_task))
+        values.append(s_t[:, :per_task].reshape(-1))
+        rights.append(vh_t[:, :per_task, :].reshape(tasks * per_task, n))
+    left = torch.cat([*lefts, u_common], dim=1)
+    right = torch.cat([*rights, vh_common], dim=0)
+    mean_value = torch.cat([*values, s_common]).mean()
+    return mean_value * (polar(left) @ polar(right))
+
+
+def _per_key(matrix_rule):
+    def merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
+        if not is_matrix(key, stack[0]):
+            return mean_over_tasks(key, stack)
+        return torch.zeros_like(stack[0]) if is_all_zero(stack) else matrix_rule(stack)
+
+    return merge_key
+
+
+_COMMON_NOTES = (
+    "Non-matrix tensors and `text_projection` are averaged over tasks.",
+    "The paper tunes the global coefficient alpha on validation data; SCORE's domain-generalisation "
+    "protocol applies every method at alpha = 1.",
+)
+
+
+@register(
+    "iso_c",
+    paper="No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
+          "(Marczak et al., ICML 2025)",
+    arxiv="2502.04959",
+    equation=r"\tau = \bar\sigma\, U V^\top,\quad \textstyle\sum_t \Delta_t = U \Sigma V^\top,\ "
+             r"\bar\sigma = \frac{1}{r}\sum_i \sigma_i",
+    code_notes=_COMMON_NOTES,
+)
+def iso_c(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+    """Iso-C: the task-arithmetic sum with its singular spectrum flattened to its mean.
+
+    Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
+    path; every other tensor is averaged over the tasks.
+    """
+    return merge_per_key(task_vectors, _per_key(iso_c_matrix), device=device)
+
+
+@register(
+    "iso_cts",
+    paper="No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
+          "(Marczak et al., ICML 2025)",
+    arxiv="2502.04959",
+    equation=r"\tau = \bar\sigma\,\operatorname{polar}([\tilde U_1 \cdots \tilde U_T\ U_c])\,"
+             r"\operatorname{polar}([\tilde V_1 \cdots \tilde V_T\ V_c])^\top",
+    code_notes=(
+        "Sizes as released: c0 = int(0.8 r), S = round((r - c0) / T) T task slots (round half to "
+        "even), common c = r - S, s = S / T per task.",
+        "Task blocks first, common block last (the paper writes the common block first).",
+        "The task residual removes only the common left subspace.",
+        *_COMMON_NOTES,
+    ),
+)
+def iso_cts(
+    task_vectors: Sequence[TaskVector], *, device: torch.device | None = None, common_fraction: float = 0.8
+) -> TaskVector:
+    """Iso-CTS: a common subspace of the sum plus each task's own directions, with a flat spectrum.
+
+    Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
+    path; every other tensor is averaged over the tasks.
+    """
+    check_fraction("common_fraction", common_fraction, zero_ok=False, one_ok=True)
+    return merge_per_key(task_vectors, _per_key(lambda stack: iso_cts_matrix(stack, common_fraction)), device=device)

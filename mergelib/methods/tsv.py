@@ -1,0 +1,75 @@
+"""TSV-M: Task Singular Vectors merging (Gargiulo et al., CVPR 2025, arXiv 2412.00081).
+
+For each matrix (2-D tensor whose name does not contain ``text_projection``; every other tensor
+is averaged over the tasks, as in the released code), with ``r = min(m, n)`` and
+``k = int(r / T)``: each task keeps its top-k singular triplets ``U_t, s_t, V_t``; the
+concatenations ``[U_1 .. U_T]`` and ``[V_1 .. V_T]`` are orthogonalised by their polar factors
+(Procrustes, the paper's Eq. 8 and Alg. 1), and
+
+    tau = polar([U_1 .. U_T]) diag(s_1 .. s_T) polar([V_1 .. V_T])^T.
+
+Following the released code rather than the text:
+
+* the rank is ``int(r / T)`` and the concatenation is zero-padded to ``r`` slots (the padded slots
+  carry a zero singular value, so they contribute nothing to the result);
+* non-matrix tensors and ``text_projection`` are averaged (mean), not summed;
+* the global coefficient is applied with the merged vector (the paper reports alpha = 1).
+
+Singular vectors use the deterministic sign rule of :func:`mergelib.methods.common.svd`; TSV-M's
+output does not depend on it (each vector appears with its own singular value and partner).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .common import (
+    TaskVector,
+    concatenated_singular_vectors,
+    is_all_zero,
+    is_matrix,
+    mean_over_tasks,
+    merge_per_key,
+    polar,
+    rank_per_task,
+    svd,
+)
+from .registry import register
+
+
+def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
+    """TSV-M of one matrix: ``stack`` is ``[T, m, n]``; returns ``[m, n]``."""
+    if is_all_zero(stack):
+        return torch.zeros_like(stack[0])
+    tasks, m, n = stack.shape
+    k = rank_per_task(key, min(m, n), tasks)
+    u, s, vh = svd(stack)
+    left, values, right = concatenated_singular_vectors(u, s, vh, k)
+    return (polar(left) * values) @ polar(right)
+
+
+def tsv_merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
+    """The per-key rule of TSV-M: matrices by :func:`tsv_merge_matrix`, the rest averaged."""
+    return tsv_merge_matrix(key, stack) if is_matrix(key, stack[0]) else mean_over_tasks(key, stack)
+
+
+@register(
+    "tsv_m",
+    paper="Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025)",
+    arxiv="2412.00081",
+    equation=r"\tau = \operatorname{polar}(\hat U)\,\operatorname{diag}(\hat\sigma)\,"
+             r"\operatorname{polar}(\hat V)^\top,\ \hat U = [U_1^{(k)} \cdots U_T^{(k)}],\ k = \lfloor r/T \rfloor",
+    code_notes=(
+        "Rank per task int(r / T) with the concatenation zero-padded to r slots.",
+        "Non-matrix tensors and `text_projection` are averaged over tasks.",
+    ),
+)
+def tsv_m(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+    """TSV-M: per matrix, the task's top 1/T singular triplets, decorrelated by polar factors.
+
+    Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
+    path; every other tensor is averaged over the tasks.
+    """
+    return merge_per_key(task_vectors, tsv_merge_key, device=device)

@@ -1,0 +1,283 @@
+"""The SVD family (TSV-M, Iso-C, Iso-CTS, SCORE): properties and parity with straightforward
+implementations written here from the descriptions in ``shared/reference`` (score.md §6,
+tsv-iso-esm.md §1-2), in float64 so that parity is not blurred by float32 round-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergelib
+from mergelib.methods import common, score as score_module
+from mergelib.methods.common import orthonormal_completion, shared_basis
+from mergelib.methods.iso import iso_cts_sizes
+from mergelib.methods.score import score_core
+
+SVD_METHODS = ("tsv_m", "iso_c", "iso_cts", "score")
+
+
+def _task_vectors(tasks, shapes, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [{key: torch.randn(*shape, generator=g, dtype=dtype) for key, shape in shapes.items()} for _ in range(tasks)]
+
+
+SHAPES = {
+    "visual.transformer.resblocks.0.attn.in_proj_weight": (18, 6),  # tall, T=3 divides 6
+    "visual.transformer.resblocks.0.mlp.c_proj.weight": (6, 24),    # wide
+    "visual.transformer.resblocks.0.attn.out_proj.weight": (9, 9),  # square, T=3 divides 9
+    "visual.proj": (10, 8),                                          # T=3 does not divide 8: padded
+    "visual.transformer.resblocks.0.ln_1.weight": (6,),
+    "visual.conv1.weight": (6, 3, 2, 2),
+    "text_projection": (5, 4),
+}
+
+
+# ----------------------------------------------------------------- independent implementations
+def _signed_svd(matrix):
+    """Thin SVD with the sign rule: the largest-|.| entry of each left vector positive."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    for j in range(u.shape[1]):
+        if u[u[:, j].abs().argmax(), j] < 0:
+            u[:, j], vh[j] = -u[:, j], -vh[j]
+    return u, s, vh
+
+
+def _polar(matrix):
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh
+
+
+def _zero_padded_concatenation(deltas):
+    """Ucat (m x r), scat (r), Vtcat (r x n) with task i in slots i k .. (i+1) k - 1, rest zero."""
+    m, n = deltas[0].shape
+    r, tasks = min(m, n), len(deltas)
+    k = int(r / tasks)
+    ucat, scat, vtcat = torch.zeros(m, r, dtype=deltas[0].dtype), torch.zeros(r, dtype=deltas[0].dtype), torch.zeros(r, n, dtype=deltas[0].dtype)
+    for i, delta in enumerate(deltas):
+        u, s, vh = _signed_svd(delta)
+        ucat[:, i * k:(i + 1) * k], scat[i * k:(i + 1) * k], vtcat[i * k:(i + 1) * k] = u[:, :k], s[:k], vh[:k]
+    return ucat, scat, vtcat, tasks * k
+
+
+def reference_tsv_m(deltas):
+    ucat, scat, vtcat, _ = _zero_padded_concatenation(deltas)
+    return _polar(ucat) @ torch.diag(scat) @ _polar(vtcat)
+
+
+def reference_score(deltas, keep="trimmed", z=1.96, divide=True):
+    """score.md §6.9 pseudocode, for shapes where T divides r (no completion needed)."""
+    ucat, _, vtcat, used = _zero_padded_concatenation(deltas)
+    assert used == ucat.shape[1], "the independent implementation covers T | r only"
+    us, vts = _polar(ucat), _polar(vtcat)
+    total = 0
+    for delta in deltas:
+        projected = us.T @ delta @ vts.T
+        diagonal = torch.diag(torch.diag(projected))
+        off = projected - diagonal
+        threshold = z * off.std() / (len(deltas) if divide else 1)
+        trimmed = off * ((off - off.mean()).abs() <= threshold)
+        total = total + {"trimmed": diagonal + trimmed, "diagonal": diagonal, "off_diagonal": trimmed,
+                         "full": projected, "released_full": diagonal + 1}[keep]
+    return us @ total @ vts
+
+
+def reference_iso_c(deltas):
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    return s.mean() * u @ vh
+
+
+def reference_iso_cts(deltas, fraction=0.8):
+    """tsv-iso-esm.md §2.2, step by step."""
+    m, n = deltas[0].shape
+    r, tasks = min(m, n), len(deltas)
+    task_slots = round((r - int(fraction * r)) / tasks) * tasks
+    common_size, per_task = r - task_slots, task_slots // tasks
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    uc = u[:, :common_size]
+    blocks_u, blocks_s, blocks_v = [], [], []
+    for delta in deltas:
+        ut, st, vht = torch.linalg.svd(delta - uc @ uc.T @ delta, full_matrices=False)
+        blocks_u.append(ut[:, :per_task]); blocks_s.append(st[:per_task]); blocks_v.append(vht[:per_task])
+    big_u = torch.cat(blocks_u + [uc], dim=1)
+    big_v = torch.cat(blocks_v + [vh[:common_size]], dim=0)
+    mean_value = torch.cat(blocks_s + [s[:common_size]]).mean()
+    return mean_value * _polar(big_u) @ _polar(big_v)
+
+
+# ----------------------------------------------------------------- parity
+MATRIX_KEYS_T_DIVIDES = [k for k, s in SHAPES.items() if len(s) == 2 and "text_projection" not in k and min(s) % 3 == 0]
+
+
+@pytest.mark.parametrize("key", [k for k, s in SHAPES.items() if len(s) == 2 and "text_projection" not in k])
+def test_tsv_m_matches_the_zero_padded_reference(key):
+    tvs = _task_vectors(3, SHAPES)
+    merged = mergelib.merge("tsv_m", tvs, device="cpu")
+    torch.testing.assert_close(merged[key], reference_tsv_m([tv[key] for tv in tvs]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("keep", ["trimmed", "diagonal", "off_diagonal", "full", "released_full"])
+@pytest.mark.parametrize("divide", [True, False])
+def test_score_matches_the_pseudocode_of_the_released_code(keep, divide):
+    tvs = _task_vectors(3, SHAPES, seed=1)
+    merged = mergelib.merge("score", tvs, device="cpu", keep=keep, divide_by_tasks=divide)
+    for key in MATRIX_KEYS_T_DIVIDES:
+        expected = reference_score([tv[key] for tv in tvs], keep=keep, divide=divide)
+        torch.testing.assert_close(merged[key], expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method, reference", [("iso_c", reference_iso_c), ("iso_cts", reference_iso_cts)])
+def test_iso_matches_the_reference(method, reference):
+    tvs = _task_vectors(3, SHAPES, seed=2)
+    merged = mergelib.merge(method, tvs, device="cpu")
+    for key, shape in SHAPES.items():
+        if len(shape) == 2 and "text_projection" not in key:
+            torch.testing.assert_close(merged[key], reference([tv[key] for tv in tvs]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_non_matrices_and_text_projection_are_averaged(method):
+    tvs = _task_vectors(3, SHAPES, seed=3)
+    merged = mergelib.merge(method, tvs, device="cpu")
+    for key in ("visual.transformer.resblocks.0.ln_1.weight", "visual.conv1.weight", "text_projection"):
+        torch.testing.assert_close(merged[key], sum(tv[key] for tv in tvs) / 3)
+
+
+# ----------------------------------------------------------------- properties
+@pytest.mark.parametrize("shape, tasks", [((12, 9), 3), ((12, 8), 3), ((8, 8), 3), ((5, 20), 3), ((8, 8), 5)])
+def test_shared_bases_are_orthonormal_and_extend_the_polar_factors(shape, tasks):
+    stack = torch.stack([tv["w"] for tv in _task_vectors(tasks, {"w": shape}, seed=4)])
+    u_star, vh_star = score_module.score_basis(stack)
+    rank = min(shape)
+    eye = torch.eye(rank, dtype=stack.dtype)
+    torch.testing.assert_close(u_star.T @ u_star, eye)
+    torch.testing.assert_close(vh_star @ vh_star.T, eye)
+    # the first T k columns are exactly the polar factor of the concatenated singular vectors
+    u, s, vh = common.svd(stack)
+    k = int(rank / tasks)
+    left, _, right = common.concatenated_singular_vectors(u, s, vh, k)
+    torch.testing.assert_close(u_star[:, : tasks * k], _polar(left))
+    torch.testing.assert_close(vh_star[: tasks * k], _polar(right))
+
+
+def test_orthonormal_completion_is_deterministic_and_handles_axis_aligned_bases():
+    basis = torch.eye(6, dtype=torch.float64)[:, [0, 2, 3]]  # spans e0, e2, e3 exactly
+    completion = orthonormal_completion(basis, 3)
+    full = torch.cat([basis, completion], dim=1)
+    torch.testing.assert_close(full.T @ full, torch.eye(6, dtype=torch.float64))
+    assert torch.equal(completion, orthonormal_completion(basis, 3))
+    with pytest.raises(ValueError, match="cannot complete"):
+        orthonormal_completion(basis, 4)
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (8, 8)])  # T=3 divides 9, not 8 (completed basis)
+def test_score_full_equals_task_arithmetic_when_the_shared_basis_is_square(shape):
+    tvs = _task_vectors(3, {"visual.w": shape}, seed=5)
+    full = mergelib.merge("score", tvs, device="cpu", keep="full")["visual.w"]
+    torch.testing.assert_close(full, sum(tv["visual.w"] for tv in tvs))
+
+
+def test_score_full_is_task_arithmetic_projected_onto_the_shared_subspaces():
+    tvs = _task_vectors(3, {"visual.w": (12, 6)}, seed=6)
+    stack = torch.stack([tv["visual.w"] for tv in tvs])
+    u_star, vh_star = score_module.score_basis(stack)
+    expected = u_star @ u_star.T @ stack.sum(0) @ vh_star.T @ vh_star
+    torch.testing.assert_close(mergelib.merge("score", tvs, device="cpu", keep="full")["visual.w"], expected)
+
+
+def test_score_diagonal_is_invariant_to_singular_vector_signs_but_trimming_is_not(monkeypatch):
+    tvs = _task_vectors(3, {"visual.w": (15, 9)}, seed=7)
+    before = {keep: mergelib.merge("score", tvs, device="cpu", keep=keep)["visual.w"] for keep in ("diagonal", "trimmed")}
+    original = common.svd
+    flips = torch.Generator().manual_seed(0)
+
+    def flipped_svd(matrices):
+        u, s, vh = original(matrices)
+        signs = torch.randint(0, 2, s.shape, generator=flips).to(u.dtype) * 2 - 1
+        return u * signs[..., None, :], s, vh * signs[..., :, None]
+
+    monkeypatch.setattr(score_module, "svd", flipped_svd)
+    after = {keep: mergelib.merge("score", tvs, device="cpu", keep=keep)["visual.w"] for keep in ("diagonal", "trimmed")}
+    torch.testing.assert_close(after["diagonal"], before["diagonal"])
+    assert not torch.allclose(after["trimmed"], before["trimmed"], rtol=1e-6, atol=1e-9)
+
+
+def test_score_trim_limits():
+    tvs = _task_vectors(3, {"visual.w": (12, 9)}, seed=8)
+    merge = lambda **p: mergelib.merge("score", tvs, device="cpu", **p)["visual.w"]  # noqa: E731
+    torch.testing.assert_close(merge(z=1e9), merge(keep="full"))  # a huge threshold keeps everything
+    torch.testing.assert_close(merge(z=1e-12), merge(keep="diagonal"))  # a tiny one keeps the diagonal
+    torch.testing.assert_close(merge() - merge(keep="diagonal"), merge(keep="off_diagonal"))
+
+
+def test_score_threshold_divided_by_tasks_keeps_fewer_entries():
+    projected = torch.randn(4, 10, 10, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    diagonal = torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1))
+    off = projected - diagonal
+    kept_divided = score_module.trim_mask(off, 1.96, 4)
+    kept_plain = score_module.trim_mask(off, 1.96, 1)
+    assert kept_divided.sum() < kept_plain.sum() and bool((kept_plain | ~kept_divided).all())
+    # the released ours_v4: the diagonal plus one in every entry of every task
+    torch.testing.assert_close(score_core(projected, "released_full", 1.96, True) - score_core(projected, "diagonal", 1.96, True),
+                               torch.full((10, 10), 4.0, dtype=torch.float64))
+
+
+def test_iso_c_spectrum_is_flat_at_the_mean_singular_value_of_the_sum():
+    tvs = _task_vectors(4, {"visual.w": (14, 10)}, seed=10)
+    merged = mergelib.merge("iso_c", tvs, device="cpu")["visual.w"]
+    values = torch.linalg.svdvals(merged)
+    expected = torch.linalg.svdvals(sum(tv["visual.w"] for tv in tvs)).mean()
+    torch.testing.assert_close(values, torch.full_like(values, expected.item()))
+
+
+def test_iso_cts_spectrum_is_flat_and_reduces_to_iso_c_with_a_full_common_subspace():
+    tvs = _task_vectors(3, {"visual.w": (14, 10)}, seed=11)
+    values = torch.linalg.svdvals(mergelib.merge("iso_cts", tvs, device="cpu")["visual.w"])
+    torch.testing.assert_close(values, torch.full_like(values, values.mean().item()))
+    torch.testing.assert_close(mergelib.merge("iso_cts", tvs, device="cpu", common_fraction=1.0)["visual.w"],
+                               mergelib.merge("iso_c", tvs, device="cpu")["visual.w"])
+
+
+@pytest.mark.parametrize("rank, tasks, common_size, per_task", [
+    (768, 3, 615, 51), (768, 5, 613, 31), (768, 14, 614, 11), (768, 8, 616, 19), (768, 20, 608, 8),
+    (50, 20, 50, 0), (197, 8, 157, 5), (1024, 8, 816, 26), (257, 14, 201, 4),
+])
+def test_iso_cts_subspace_sizes_follow_the_released_rule(rank, tasks, common_size, per_task):
+    assert iso_cts_sizes(rank, tasks, 0.8) == (common_size, per_task)
+
+
+# ----------------------------------------------------------------- contract
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_bitwise_deterministic_on_cpu(method):
+    tvs = _task_vectors(3, SHAPES, seed=12, dtype=torch.float32)
+    first, second = mergelib.merge(method, tvs, device="cpu"), mergelib.merge(method, tvs, device="cpu")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_half_precision_returns_its_dtype_and_all_zero_matrices_stay_zero(method):
+    tvs = _task_vectors(3, {"visual.w": (12, 6), "token_embedding.weight": (20, 6)}, seed=13, dtype=torch.float32)
+    for tv in tvs:
+        tv["token_embedding.weight"].zero_()  # CLIP's text side: never fine-tuned
+    half = [{k: v.half() for k, v in tv.items()} for tv in tvs]
+    merged = mergelib.merge(method, half, device="cpu")
+    assert all(v.dtype == torch.float16 for v in merged.values())
+    assert not merged["token_embedding.weight"].any()
+    wide = mergelib.merge(method, [{k: v.float() for k, v in tv.items()} for tv in half], device="cpu")
+    torch.testing.assert_close(merged["visual.w"].float(), wide["visual.w"], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "score"])
+def test_more_tasks_than_the_rank_allows_is_a_clear_error(method):
+    tvs = _task_vectors(3, {"visual.positional_embedding": (2, 8)}, seed=14)
+    with pytest.raises(ValueError, match=r"'visual.positional_embedding'.*cannot give each of 3 tasks"):
+        mergelib.merge(method, tvs, device="cpu")
+
+
+def test_score_rejects_bad_parameters():
+    tvs = _task_vectors(2, {"visual.w": (4, 4)})
+    with pytest.raises(ValueError, match="keep must be one of"):
+        mergelib.merge("score", tvs, keep="everything")
+    with pytest.raises(ValueError, match="z must be a positive number"):
+        mergelib.merge("score", tvs, z=0)
+    with pytest.raises(ValueError, match="common_fraction"):
+        mergelib.merge("iso_cts", tvs, common_fraction=0)
