@@ -23,7 +23,6 @@ float32 difference is reported, not asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -37,7 +36,7 @@ import mergelib
 from mergelib.backbones import BACKBONES, create_clip
 from mergelib.methods import METHODS
 from mergelib.methods.common import fix_signs, is_matrix, orthonormal_completion
-from mergelib.provenance import REPO_ROOT, provenance, write_json
+from mergelib.provenance import REPO_ROOT, git_state, provenance, write_json
 
 # Parameters a method needs to run on task vectors alone (ESM's activation subspaces need a model
 # and data; its SVD variant times the same merging and scaling machinery).
@@ -225,11 +224,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     described = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    results = []
+    results, started_at = [], git_state()
     for backbone in args.backbones:
         for tasks in args.tasks:
             results.append(run_configuration(backbone, tasks, args.methods, device, backbone in args.reference_on))
-    record = provenance({"backbones": args.backbones, "tasks": args.tasks, "methods": args.methods, "device": str(device)},
+    record = provenance(git=started_at, parameters={"backbones": args.backbones, "tasks": args.tasks, "methods": args.methods, "device": str(device)},
                         device_description=described, results=results)
     output = args.output or REPO_ROOT / "results" / "benchmarks" / f"merge-{device.type}.json"
     write_json(output, record)

@@ -9,7 +9,7 @@ import torch
 
 import mergelib
 from mergelib.methods import common, score as score_module
-from mergelib.methods.common import orthonormal_completion, shared_basis
+from mergelib.methods.common import orthonormal_completion
 from mergelib.methods.iso import iso_cts_sizes
 from mergelib.methods.score import score_core
 

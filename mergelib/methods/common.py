@@ -22,6 +22,8 @@ of its inputs on every machine.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -51,6 +53,22 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ParameterValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_number(name: str, value: object, *, minimum: float | None = None, strict: bool = False) -> float:
+    """``value`` as a float; raise unless it is a finite number (not a bool) at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ParameterValueError(f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ParameterValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ParameterValueError(f"{name} must be True or False, got {value!r}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
