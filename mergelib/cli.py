@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from .errors import MergelibError
 
 
 def _book(args: argparse.Namespace) -> int:
@@ -33,6 +36,17 @@ def _recipe_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge_files import merge_checkpoint_files, parse_parameters
+
+    manifest = merge_checkpoint_files(
+        args.method, args.pretrained, args.experts, args.output, parameters=parse_parameters(args.param),
+        alpha=args.alpha, prefix=args.prefix, device=args.device)
+    print(f"[mergelib] {args.method} of {len(args.experts)} experts written to {args.output} "
+          f"(sha256 {manifest['sha256'][:12]}…, manifest {args.output.with_suffix('.json')})", flush=True)
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -52,8 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("notebooks", help="execute the notebooks with papermill only").set_defaults(run=_notebooks)
     commands.add_parser("recipe-study", help="rerun the miniature recipe study (results/studies/miniature_recipe)").set_defaults(run=_recipe_study)
     commands.add_parser("methods", help="list the registered merging methods").set_defaults(run=_methods)
+    merge = commands.add_parser("merge", help="merge expert checkpoints (safetensors) into a pretrained one")
+    merge.add_argument("--method", required=True, help="a registered method (see `mergelib methods`)")
+    merge.add_argument("--pretrained", required=True, type=Path, help="the pretrained state dict (.safetensors)")
+    merge.add_argument("experts", nargs="+", type=Path, help="the fine-tuned state dicts (.safetensors)")
+    merge.add_argument("-o", "--output", required=True, type=Path, help="the merged state dict to write (.safetensors)")
+    merge.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (repeatable)")
+    merge.add_argument("--alpha", type=float, default=1.0, help="global coefficient (default 1.0, as in SCORE)")
+    merge.add_argument("--prefix", default="", help="merge only tensors whose name starts with this (e.g. visual.)")
+    merge.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    merge.set_defaults(run=_merge)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (MergelibError, ValueError, KeyError, TypeError, FileNotFoundError) as error:
+        print(f"mergelib {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .finetune import MINIATURE_FINETUNE, FinetuneConfig, finetune_image_encoder
 from .heads import ClassificationHead, zero_shot_head
 from .methods import METHODS
 from .pretrain import PretrainConfig, pretrained_tiny_clip
-from .provenance import REPO_ROOT, StageTimer, provenance, write_json
+from .provenance import REPO_ROOT, StageTimer, git_state, provenance, write_json
 from .task_vectors import StateDict, encoder_state, task_vector
 
 
@@ -191,6 +191,7 @@ def run_domain_generalization(
 ) -> MiniatureRun:
     """Run the miniature leave-one-domain-out experiment; write and return its results."""
     config.validate()
+    started_at = git_state()
     timer = StageTimer(verbose=progress)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     device = resolve_device(config.device)
@@ -220,6 +221,7 @@ def run_domain_generalization(
         frame["seed"] = config.seed
     record = provenance(
         config.as_dict(),
+        git=started_at,
         seeds={"data": config.seed, "pretrain": config.pretrain.seed, "finetune": config.finetune.seed},
         pretrained_key=backbone.key,
         experts={d: {"file": m.get("file"), "sha256": m.get("sha256")} for d, m in manifests.items()},
@@ -257,7 +259,7 @@ def run_recipe_study(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the leave-one-domain-out experiment for each recipe variant; return the tidy results."""
-    frames, configs = [], {}
+    frames, configs, started_at = [], {}, git_state()
     for name, overrides in variants.items():
         config = replace(base, **overrides)
         if progress:
@@ -269,5 +271,5 @@ def run_recipe_study(
     if results_dir is not None:
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         results.to_csv(Path(results_dir) / "results.csv", index=False)
-        write_json(Path(results_dir) / "provenance.json", provenance(base.as_dict(), variants=configs))
+        write_json(Path(results_dir) / "provenance.json", provenance(base.as_dict(), git=started_at, variants=configs))
     return results

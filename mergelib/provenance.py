@@ -37,10 +37,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def provenance(parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def provenance(parameters: dict[str, Any], *, git: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance record of a result.
+
+    ``git``: the repository state when the run *started* (take it with :func:`git_state` before
+    the work; a long run may otherwise record a commit made while it ran). Default: now.
+    """
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": git_state(),
+        "git": git or git_state(),
         "versions": versions(),
         "parameters": parameters,
         **extra,
