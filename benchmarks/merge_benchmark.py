@@ -212,6 +212,16 @@ def run_configuration(backbone: str, tasks: int, methods, device, with_reference
     return result
 
 
+def cpu_description() -> str:
+    """The CPU's model name (Linux) or architecture, and the number of threads torch uses."""
+    try:
+        name = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1).strip()
+    except (OSError, AttributeError):
+        name = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["ViT-B-32", "ViT-L-14"], choices=[b for b in BACKBONES if b != "tiny-clip"])
@@ -223,15 +233,17 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="JSON file (default results/benchmarks/merge-<device>.json)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    described = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    described = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     results, started_at = [], git_state()
-    for backbone in args.backbones:
-        for tasks in args.tasks:
-            results.append(run_configuration(backbone, tasks, args.methods, device, backbone in args.reference_on))
-    record = provenance(git=started_at, parameters={"backbones": args.backbones, "tasks": args.tasks, "methods": args.methods, "device": str(device)},
-                        device_description=described, results=results)
     output = args.output or REPO_ROOT / "results" / "benchmarks" / f"merge-{device.type}.json"
-    write_json(output, record)
+    parameters = {"backbones": args.backbones, "tasks": args.tasks, "methods": args.methods, "device": str(device),
+                  "reference_on": args.reference_on, "threads": torch.get_num_threads()}
+    planned = [(b, t) for b in args.backbones for t in args.tasks]
+    for backbone, tasks in planned:
+        results.append(run_configuration(backbone, tasks, args.methods, device, backbone in args.reference_on))
+        # written after every configuration, so an interrupted run keeps what it finished
+        write_json(output, provenance(parameters, git=started_at, device_description=described, results=results,
+                                      complete=len(results) == len(planned)))
     print_summary(results, described)
     print(f"[benchmark] written to {output}")
     return 0

@@ -26,10 +26,21 @@ GENERATED_DIR = REPO_ROOT / "book" / "_generated"
 class BookNotebook:
     name: str  # file stem in notebooks/
     parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the notebook's defaults
+    smoke: dict[str, Any] = field(default_factory=dict)  # small parameters for CI (tests build the book with them)
+
+
+def _miniature_smoke() -> dict[str, Any]:
+    from .miniature import SMOKE_PARAMETERS
+
+    return {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("warmup_steps", "batch_size")}
 
 
 # In book order. The defaults of each notebook's `parameters` cell are the embedded miniature.
-NOTEBOOKS: tuple[BookNotebook, ...] = (BookNotebook("01_domain_generalization"),)
+NOTEBOOKS: tuple[BookNotebook, ...] = (
+    BookNotebook("01_domain_generalization", smoke=_miniature_smoke()),
+    BookNotebook("02_methods"),
+    BookNotebook("03_performance", smoke={"layer_shape": [48, 24]}),
+)
 
 
 def execute_notebook(
@@ -52,22 +63,28 @@ def execute_notebook(
     return output
 
 
-def execute_notebooks(output_dir: Path = GENERATED_DIR, *, log_output: bool = True) -> list[Path]:
+def execute_notebooks(
+    output_dir: Path = GENERATED_DIR, *, smoke: bool = False, extra: dict[str, dict[str, Any]] | None = None,
+    log_output: bool = True,
+) -> list[Path]:
+    """Execute every book notebook into ``output_dir``, with its book parameters, or with its smoke
+    parameters when ``smoke`` (plus ``extra[name]``, e.g. a results folder for a test)."""
     outputs = []
     for entry in NOTEBOOKS:
         start = time.perf_counter()
         print(f"[mergelib] executing notebooks/{entry.name}.ipynb with papermill", flush=True)
+        parameters = {**(entry.smoke if smoke else entry.parameters), **(extra or {}).get(entry.name, {})}
         outputs.append(execute_notebook(NOTEBOOK_DIR / f"{entry.name}.ipynb", output_dir / f"{entry.name}.ipynb",
-                                        entry.parameters, log_output=log_output))
+                                        parameters, log_output=log_output))
         print(f"[mergelib] notebooks/{entry.name}.ipynb: {time.perf_counter() - start:.1f} s", flush=True)
     return outputs
 
 
-def build_book(root: Path = REPO_ROOT) -> None:
+def build_book(root: Path = REPO_ROOT, **run_options: Any) -> subprocess.CompletedProcess:
     """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail)."""
     executable = Path(sys.executable).with_name("jupyter-book")
     command = [str(executable), "build", "-W", "-n", "--keep-going", str(root)]
-    subprocess.run(command, check=True)
+    return subprocess.run(command, check=True, **run_options)
 
 
 def glue(name: str, value: Any) -> None:
@@ -81,3 +98,30 @@ def glue(name: str, value: Any) -> None:
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         value = value.item()
     myst_glue(name, value, display=False)
+
+
+def method_card(method) -> str:
+    """A MyST Markdown description of a registered merging method, for the book's methods page.
+
+    Everything comes from the registry: the paper, the arXiv id, the equation, the defaults read
+    from the function's signature, the docstring's summary and the notes on where the method
+    follows the released code rather than the paper's text.
+    """
+    import inspect
+
+    lines = [f"## `{method.name}`", "", method.summary, "",
+             f"**Paper.** {method.paper}" + (f", [arXiv {method.arxiv}](https://arxiv.org/abs/{method.arxiv})." if method.arxiv else "."),
+             "", "$$", method.equation, "$$", ""]
+    if method.defaults:
+        lines += ["| parameter | default |", "| --- | --- |"]
+        lines += [f"| `{name}` | `{value!r}` |" for name, value in method.defaults.items()]
+        lines.append("")
+    else:
+        lines += ["No parameters.", ""]
+    if method.code_notes:
+        lines += ["**Where it follows the released code rather than the paper's text.**", ""]
+        lines += [f"- {note}" for note in method.code_notes]
+        lines.append("")
+    module = inspect.getmodule(method.function)
+    lines.append(f"Implemented in `{module.__name__}` (`{method.function.__name__}`).")
+    return "\n".join(lines)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .data import ImageSet
 from .evaluation import EncoderEvaluator, classification_metrics
 from .heads import ClassificationHead
-from .methods import merge
+from .methods import MethodSpec, merge, parse_method_spec
 from .task_vectors import StateDict, apply_task_vector
 
 ZERO_SHOT = "zero-shot"
@@ -30,6 +30,10 @@ OTHER_EXPERTS_MEAN = "other experts (mean)"
 OTHER_EXPERTS_BEST = "other experts (best)"
 ENSEMBLE = "logit ensemble"
 BASELINES = (ZERO_SHOT, OTHER_EXPERTS_MEAN, OTHER_EXPERTS_BEST, ENSEMBLE, OWN_EXPERT)
+
+# Parameters of a merge that depend on the fold: called with the source domains, in order
+# (ESM's activation subspaces of the source experts, for instance).
+FoldParameters = Callable[[Sequence[str]], Mapping]
 
 
 def leave_one_out(names: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
@@ -49,20 +53,31 @@ def evaluate_leave_one_domain_out(
     task_vectors: Mapping[str, StateDict],
     head: ClassificationHead,
     test_sets: Mapping[str, ImageSet],
-    methods: Sequence[str],
-    coefficients: Sequence[float],
+    methods: Sequence[str | MethodSpec],
+    coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     *,
-    method_params: Mapping[str, Mapping] | None = None,
+    fold_parameters: Mapping[str, FoldParameters] | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run the protocol; return the tidy results and the expert-by-domain accuracy matrix.
 
+    Args:
+        methods: method specs, ``"tsv_m"`` or ``"score[keep=diagonal]"`` (see
+            :func:`mergelib.methods.parse_method_spec`); results are labelled with the spec.
+        coefficients: the global coefficients to evaluate every method at, or a mapping from
+            spec label to its coefficients.
+        fold_parameters: per method *name*, a function of the fold's source domains returning
+            more parameters for the merge (e.g. ESM's subspaces of those experts).
+
     Results have one row per (held-out domain, method, coefficient) with ``accuracy`` and
     ``balanced_accuracy``; baselines have ``coefficient`` NaN.
     """
     domains = list(test_sets)
-    method_params = method_params or {}
+    specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
+    per_method = {spec.label: tuple(coefficients[spec.label] if isinstance(coefficients, Mapping) else coefficients)
+                  for spec in specs}
+    fold_parameters = fold_parameters or {}
     rows: list[dict] = []
 
     def record(**row) -> None:
@@ -81,7 +96,7 @@ def evaluate_leave_one_domain_out(
         matrix.append({"expert": expert, "domain": domain, **classification_metrics(logits, test_sets[domain].labels)})
     matrix = pd.DataFrame(matrix)
 
-    total = len(domains) * len(methods) * len(coefficients)
+    total = len(domains) * sum(len(c) for c in per_method.values())
     bar = tqdm(total=total, desc="merge and evaluate", disable=not progress, leave=False)
     for held_out, sources in leave_one_out(domains):
         labels = test_sets[held_out].labels
@@ -98,12 +113,13 @@ def evaluate_leave_one_domain_out(
         ensemble = torch.stack([expert_logits[s, held_out] for s in sources]).mean(0)
         record(held_out=held_out, method=ENSEMBLE, coefficient=float("nan"), n_test=n, **classification_metrics(ensemble, labels))
         source_vectors = [task_vectors[s] for s in sources]
-        for method in methods:
-            merged = merge(method, source_vectors, **method_params.get(method, {}))
-            for coefficient in coefficients:
+        for spec in specs:
+            extra = fold_parameters[spec.name](sources) if spec.name in fold_parameters else {}
+            merged = merge(spec.name, source_vectors, **spec.params, **extra)
+            for coefficient in per_method[spec.label]:
                 state = apply_task_vector(pretrained, merged, alpha=coefficient)
                 metrics = classification_metrics(evaluator.logits(state, head, test_sets[held_out]), labels)
-                record(held_out=held_out, method=method, coefficient=float(coefficient), n_test=n, **metrics)
+                record(held_out=held_out, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), matrix

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .methods.common import compute_dtype, fix_signs, resolve_device
+
+if TYPE_CHECKING:  # the backbones module imports open_clip; only needed by subspaces_of_experts
+    from .backbones import Clip
 from .methods.esm import ESD_LAYER_SETS
 from .task_vectors import PREFIX, apply_task_vector, load_encoder_state
 
@@ -354,8 +357,40 @@ def proxy_batch(images_uint8: torch.Tensor, count: int = 32, seed: int = 0) -> t
     return images_uint8.index_select(0, index)
 
 
+def subspaces_of_experts(
+    clip: "Clip",
+    pretrained_state: Mapping[str, torch.Tensor],
+    task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
+    proxy_images: Mapping[str, torch.Tensor],
+    *,
+    count: int = 32,
+    seed: int = 0,
+    keep: int | None = None,
+    layers: str = "released",
+    device: str | torch.device | None = None,
+) -> dict[str, dict[str, Subspace]]:
+    """:func:`essential_subspaces` of each named expert, on proxy images of its *own* data.
+
+    ``proxy_images[name]`` holds uint8 images ``[N, 3, H, W]`` of expert ``name``'s own task or
+    domain (never a held-out domain); :func:`proxy_batch` draws ``count`` of them with ``seed``,
+    and the evaluation preprocessing of ``clip`` turns them into model input. An expert's
+    subspaces do not depend on which other experts it is merged with, so a leave-one-domain-out
+    run computes them once and passes ``[subspaces[s] for s in sources]`` to each fold's merge.
+    """
+    from .backbones import batch_to_model_input
+
+    return {
+        name: essential_subspaces(
+            clip.model.visual, pretrained_state, vector,
+            batch_to_model_input(proxy_batch(proxy_images[name], count, seed), clip),
+            keep=keep, layers=layers, device=device)
+        for name, vector in task_vectors.items()
+    }
+
+
 __all__ = [
     "Subspace",
+    "subspaces_of_experts",
     "activation_pca",
     "collect_layer_inputs",
     "default_keep",

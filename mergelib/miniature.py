@@ -24,10 +24,25 @@ from .errors import ParameterError, lookup
 from .evaluation import EncoderEvaluator
 from .finetune import MINIATURE_FINETUNE, FinetuneConfig, finetune_image_encoder
 from .heads import ClassificationHead, zero_shot_head
-from .methods import METHODS
+from .essential import subspaces_of_experts
+from .methods import parse_method_spec
 from .pretrain import PretrainConfig, pretrained_tiny_clip
 from .provenance import REPO_ROOT, StageTimer, git_state, provenance, write_json
 from .task_vectors import StateDict, encoder_state, task_vector
+
+
+# Every registered method, in the order the book presents them: the baselines, then the subspace methods.
+ALL_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "magmax", "pcb",
+               "tsv_m", "iso_c", "iso_cts", "score", "esm")
+
+
+# A budget small enough for CI (2 cores) yet exercising every stage of the real pipeline: the
+# tests and the notebooks' smoke runs use it.
+SMOKE_PARAMETERS: dict[str, Any] = dict(
+    domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
+    batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
+    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0],
+)
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +64,8 @@ class MiniatureConfig:
     domains: tuple[str, ...] = DEFAULT_DOMAINS
     seed: int = 0
     epochs: int = 3
-    methods: tuple[str, ...] = ("weight_average", "task_arithmetic")
+    methods: tuple[str, ...] = ALL_METHODS  # specs: "score" or "score[keep=diagonal]"; evaluated at lambda = 1
+    sweep_methods: tuple[str, ...] = ("weight_average", "task_arithmetic")  # also evaluated at every coefficient
     coefficients: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
     n_train: int = 4000
     n_test: int = 1000
@@ -61,6 +77,7 @@ class MiniatureConfig:
     pretrain_per_task: int = 1000
     pretrain_domains: tuple[str, ...] = ("photo", "negative", "texture")
     fine_caption_fraction: float = PretrainConfig.fine_caption_fraction
+    esm_proxy_count: int = 32  # proxy images per expert for ESM's essential subspaces (its own domain)
     device: str = "auto"
     cache_dir: str = ""  # "" means default_cache_dir()
 
@@ -85,8 +102,11 @@ class MiniatureConfig:
         lookup(BACKBONES, "backbone", self.backbone)
         for domain in (*self.domains, *self.pretrain_domains):
             lookup(DOMAINS, "domain", domain)
-        for method in self.methods:
-            lookup(METHODS, "merge method", method)
+        for method in (*self.methods, *self.sweep_methods):
+            parse_method_spec(method)
+        missing = [m for m in self.sweep_methods if m not in self.methods]
+        if missing:
+            raise ParameterError(f"sweep_methods {missing} must also be listed in 'methods'")
         if len(self.domains) < 2:
             raise ParameterError("parameter 'domains' needs at least two domains for leave-one-domain-out")
         for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain"):
@@ -171,6 +191,12 @@ def expert_state(
     return cached_state(path, key, build)
 
 
+def needs_essential_subspaces(method: str) -> bool:
+    """Whether a method spec is ESM with its activation decomposition (the default)."""
+    spec = parse_method_spec(method)
+    return spec.name == "esm" and spec.params.get("decomposition", "esd") == "esd"
+
+
 @dataclass
 class MiniatureRun:
     config: MiniatureConfig
@@ -210,11 +236,20 @@ def run_domain_generalization(
                 backbone, head, benchmark.train[domain], config.finetune, cache_dir,
                 dataset=benchmark.name, domain=domain, templates=templates, device=device, progress=progress)
     task_vectors = {d: task_vector(state, pretrained) for d, state in experts.items()}
+    fold_parameters = {}
+    if any(needs_essential_subspaces(m) for m in config.methods):
+        with timer.stage("ESM essential subspaces"):
+            # each expert's proxies come from its own domain's training images, never the held-out one
+            subspaces = subspaces_of_experts(
+                backbone.clip, pretrained, task_vectors, {d: benchmark.train[d].images for d in config.domains},
+                count=config.esm_proxy_count, seed=config.seed, device=device)
+        fold_parameters["esm"] = lambda sources: {"subspaces": [subspaces[s] for s in sources]}
+    coefficients = {m: (config.coefficients if m in config.sweep_methods else (1.0,)) for m in config.methods}
     with timer.stage("evaluate (leave-one-domain-out)"):
         evaluator = EncoderEvaluator(backbone.clip, device=device)
         results, matrix = evaluate_leave_one_domain_out(
             evaluator, pretrained, experts, task_vectors, head, benchmark.test,
-            config.methods, config.coefficients, progress=progress)
+            config.methods, coefficients, fold_parameters=fold_parameters, progress=progress)
     for frame in (results, matrix):
         frame.insert(0, "backbone", config.backbone)
         frame.insert(0, "benchmark", benchmark.name)
@@ -252,7 +287,7 @@ STUDY_DIR = REPO_ROOT / "results" / "studies" / "miniature_recipe"
 
 
 def run_recipe_study(
-    base: MiniatureConfig = MiniatureConfig(methods=("weight_average",), coefficients=(1.0,)),
+    base: MiniatureConfig = MiniatureConfig(methods=("weight_average",), sweep_methods=(), coefficients=(1.0,)),
     variants: dict[str, dict[str, Any]] = RECIPE_VARIANTS,
     *,
     results_dir: Path | None = STUDY_DIR,

@@ -7,16 +7,11 @@ import logging
 import pytest
 import torch
 
-from mergelib.miniature import MiniatureConfig
+from mergelib.miniature import SMOKE_PARAMETERS, MiniatureConfig
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns at each random initialisation
 
-# A budget small enough for CI (2 cores) yet exercising every stage of the real pipeline.
-TINY = dict(
-    domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
-    batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
-    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0],
-)
+TINY = SMOKE_PARAMETERS
 
 
 @pytest.fixture(scope="session")

@@ -46,3 +46,20 @@ def test_unknown_names_list_the_valid_ones(params, kind, valid):
     with pytest.raises(UnknownNameError) as info:
         MiniatureConfig.from_parameters(**params)
     assert f"unknown {kind}" in str(info.value) and valid in str(info.value)
+
+
+def test_the_default_run_covers_every_registered_method():
+    from mergelib.methods import METHODS
+    from mergelib.miniature import ALL_METHODS
+
+    assert sorted(ALL_METHODS) == sorted(METHODS) and MiniatureConfig().methods == ALL_METHODS
+
+
+def test_method_specs_are_checked_before_anything_runs():
+    config = MiniatureConfig.from_parameters(methods=["score", "score[keep=diagonal]"], sweep_methods=["score"])
+    assert config.methods == ("score", "score[keep=diagonal]")
+    with pytest.raises(ParameterError, match="has no parameter"):
+        MiniatureConfig.from_parameters(methods=["score[kep=diagonal]"])
+    with pytest.raises(ParameterError, match="must also be listed in 'methods'"):
+        MiniatureConfig.from_parameters(methods=["score"], sweep_methods=["tsv_m"])
+

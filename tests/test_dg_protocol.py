@@ -38,7 +38,7 @@ def spy_method():
     received = []
 
     @register("spy_for_test", paper="test", arxiv=None, equation="")
-    def spy(task_vectors):
+    def spy(task_vectors, *, device=None, tag=""):
         received.append([id(tv) for tv in task_vectors])
         return {k: torch.stack([tv[k] for tv in task_vectors]).mean(0) for k in task_vectors[0]}
 
@@ -59,6 +59,16 @@ def test_protocol_never_uses_the_held_out_expert(tiny_clip, spy_method):
 
     ids = {id(v): d for d, v in vectors.items()}
     assert [sorted(ids[i] for i in call) for call in spy_method] == [["negative", "sketch"], ["photo", "sketch"], ["negative", "photo"]]
+
+    # fold parameters see exactly the sources, in the order the task vectors are passed
+    seen = []
+    specs = ["spy_for_test", "spy_for_test[tag=b]"]
+    results_b, _ = evaluate_leave_one_domain_out(
+        evaluator, pretrained, experts, vectors, head, bench.test, specs, {specs[0]: [1.0], specs[1]: [0.5, 1.0]},
+        fold_parameters={"spy_for_test": lambda sources: seen.append(list(sources)) or {}}, progress=False)
+    assert seen == [s for _, s in leave_one_out(list(bench.domains)) for _ in specs]
+    merges = results_b[results_b.coefficient.notna()]
+    assert sorted(merges.groupby("method").size().items()) == [(specs[0], 3), (specs[1], 6)]
 
     assert set(results.method) == set(BASELINES) | {"spy_for_test"}
     assert len(results) == 3 * (len(BASELINES) + 1) and len(matrix) == 9

@@ -22,7 +22,10 @@ def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_confi
     results = pd.read_csv(tmp_path / "a" / "results.csv")
     assert set(results.held_out) == set(tiny_config.domains)
     merges = results[results.coefficient.notna()]
-    assert len(merges) == len(tiny_config.domains) * len(tiny_config.methods) * len(tiny_config.coefficients)
+    per_domain = len(tiny_config.methods) + len(tiny_config.sweep_methods) * (len(tiny_config.coefficients) - 1)
+    assert len(merges) == len(tiny_config.domains) * per_domain
+    assert set(merges.method) == set(tiny_config.methods)  # every registered method ran
+    assert set(merges[merges.coefficient != 1.0].method) == set(tiny_config.sweep_methods)
     assert results.accuracy.between(0, 1).all() and results.balanced_accuracy.between(0, 1).all()
     record = json.loads((tmp_path / "a" / "provenance.json").read_text())
     assert record["parameters"]["domains"] == list(tiny_config.domains)
@@ -42,7 +45,7 @@ def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_confi
     pd.testing.assert_frame_equal(first.results, third.results)
 
 
-def _papermill(tmp_path, **parameters):
+def _papermill(tmp_path, **parameters):  # chapter 1
     import papermill
 
     out = tmp_path / "out.ipynb"
@@ -51,25 +54,28 @@ def _papermill(tmp_path, **parameters):
     return out
 
 
-def test_notebook_runs_with_tiny_parameters_and_the_book_builds(tiny_config, tmp_path, monkeypatch):
-    from conftest import TINY
+def test_every_notebook_runs_with_smoke_parameters_and_the_book_builds(tiny_config, tmp_path, monkeypatch):
+    from mergelib.book import NOTEBOOKS, build_book, execute_notebooks
 
-    monkeypatch.setenv("MERGELIB_CACHE", tiny_config.cache_dir)
-    params = {k: v for k, v in TINY.items() if k not in ("lr", "warmup_steps", "batch_size")}
-    out = _papermill(tmp_path, **params, results_dir=str(tmp_path / "results"))
-    assert (tmp_path / "results" / "results.csv").exists()
-    # build the book from this executed notebook, with warnings as errors
+    monkeypatch.setenv("MERGELIB_CACHE", tiny_config.cache_dir)  # reuse the session's tiny CLIP
     book = tmp_path / "book"
     book.mkdir()
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, book / name)
     shutil.copytree(ROOT / "book", book / "book", ignore=shutil.ignore_patterns("_generated"))
-    (book / "book" / "_generated").mkdir()
-    shutil.copy(out, book / "book" / "_generated" / "01_domain_generalization.ipynb")
-    jb = Path(sys.executable).with_name("jupyter-book")
-    done = subprocess.run([str(jb), "build", "-W", "-n", "--keep-going", str(book)], capture_output=True, text=True)
+    results = tmp_path / "results"
+    execute_notebooks(book / "book" / "_generated", smoke=True, log_output=False,
+                      extra={"01_domain_generalization": {"results_dir": str(results)}})
+    assert (results / "results.csv").exists()
+    # with warnings as errors, so an unresolved glue key, reference or toc entry fails
+    done = build_book(book, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (book / "_build" / "html" / "book" / "_generated" / "01_domain_generalization.html").exists()
+    for entry in NOTEBOOKS:
+        page = book / "_build" / "html" / "book" / "_generated" / f"{entry.name}.html"
+        assert page.exists(), page
+    methods_page = (book / "_build" / "html" / "book" / "_generated" / "02_methods.html").read_text()
+    assert all(f"<code class=\"docutils literal notranslate\"><span class=\"pre\">{name}</span></code>" in methods_page
+               for name in ("score", "esm", "tsv_m", "ties"))
 
 
 def test_notebook_rejects_a_parameter_of_the_wrong_type(tmp_path):

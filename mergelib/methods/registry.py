@@ -134,3 +134,41 @@ def merge(
     merged = method.function(vectors, device=resolve_device(device), **{**method.defaults, **params})
     first = vectors[0]
     return {key: merged[key].to(device=first[key].device, dtype=first[key].dtype) for key in first}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method with parameters, written ``name`` or ``name[param=value, ...]`` (e.g. in papermill
+    parameters): ``score[keep=diagonal]``. ``label`` is the text as given, used in results."""
+
+    label: str
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """Parse ``"score[keep=diagonal, z=1.5]"``; the name and parameter names are checked.
+
+    Values are read as YAML scalars (``1.5`` a float, ``true`` a bool, ``diagonal`` a string).
+    """
+    import yaml
+
+    if not isinstance(text, str):
+        raise ParameterError(f"a method must be given as a string like 'score' or 'score[keep=diagonal]', got {text!r}")
+    name, bracket, rest = text.strip().partition("[")
+    name = name.strip()
+    method = lookup(METHODS, "merge method", name)
+    params: dict[str, Any] = {}
+    if bracket:
+        if not rest.endswith("]"):
+            raise ParameterError(f"method {text!r}: parameters must be closed by ']'")
+        for pair in filter(None, (p.strip() for p in rest[:-1].split(","))):
+            key, equals, value = pair.partition("=")
+            if not equals:
+                raise ParameterError(f"method {text!r}: expected NAME=VALUE, got {pair!r}")
+            params[key.strip()] = yaml.safe_load(value.strip())
+    unknown = sorted(set(params) - set(method.defaults))
+    if unknown:
+        valid = ", ".join(sorted(method.defaults)) or "none"
+        raise ParameterError(f"method {text!r}: {name!r} has no parameter(s) {unknown}; valid parameters: {valid}")
+    return MethodSpec(text.strip(), name, params)

@@ -68,13 +68,14 @@ KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
 
 def score_basis(stack: torch.Tensor, key: str = "matrix") -> tuple[torch.Tensor, torch.Tensor]:
     """The shared bases ``U* (m x r)`` and ``V*^T (r x n)`` of the ``[T, m, n]`` task matrices."""
-    tasks, m, n = stack.shape
-    rank = min(m, n)
-    k = rank_per_task(key, rank, tasks)
-    u, s, vh = svd(stack)
+    return basis_from_svd(svd(stack), rank_per_task(key, min(stack.shape[1:]), stack.shape[0]))
+
+
+def basis_from_svd(decomposition, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared bases from the tasks' batched SVD ``(U [T, m, r], S [T, r], Vh [T, r, n])``."""
+    u, s, vh = decomposition
     left, _, right = concatenated_singular_vectors(u, s, vh, k)
-    del u, s, vh
-    return shared_basis(left, right, rank)
+    return shared_basis(left, right, min(u.shape[1], vh.shape[2]))
 
 
 def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float) -> torch.Tensor:
@@ -108,7 +109,14 @@ def score_matrix(
     """SCORE of one matrix: ``stack`` is ``[T, m, n]``; returns ``[m, n]``."""
     if is_all_zero(stack):
         return torch.zeros_like(stack[0])
-    u_star, vh_star = score_basis(stack, key)
+    return score_from_basis(stack, *score_basis(stack, key), keep=keep, z=z, divide_by_tasks=divide_by_tasks)
+
+
+def score_from_basis(
+    stack: torch.Tensor, u_star: torch.Tensor, vh_star: torch.Tensor, *, keep: str = "trimmed", z: float = 1.96,
+    divide_by_tasks: bool = True,
+) -> torch.Tensor:
+    """Steps 2-4 of SCORE in a given shared basis: project, keep what ``keep`` says, sum, map back."""
     projected = u_star.T @ stack @ vh_star.T
     return u_star @ score_core(projected, keep, z, divide_by_tasks) @ vh_star
 
