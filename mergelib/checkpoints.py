@@ -16,13 +16,16 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MANIFEST_VERSION = 1
 
@@ -117,3 +120,32 @@ def cached_state(
     state, fields = build()
     manifest = save_state(path, state, {**fields, "key": key})
     return state, manifest
+
+
+def cached_tables(
+    directory: Path, key: Any, compute: Callable[[], tuple["pd.DataFrame", ...]]
+) -> tuple["pd.DataFrame", ...]:
+    """Tables computed by ``compute()``, cached as CSV under ``directory`` by the hash of ``key``.
+
+    Use for deterministic results (evaluations); include in ``key`` everything they depend on,
+    :func:`mergelib.provenance.code_fingerprint` among it. The tables returned are always read
+    back from the CSV files, so a first and a cached call give identical frames.
+    """
+    import pandas as pd
+
+    directory = Path(directory)
+    digest = config_hash(key)
+    manifest = directory / f"{digest[:20]}.json"
+    if manifest.exists():
+        try:
+            record = json.loads(manifest.read_text())
+            return tuple(pd.read_csv(directory / name) for name in record["tables"])
+        except (OSError, ValueError, KeyError) as error:
+            print(f"[mergelib] cached results {manifest} unreadable ({error}); recomputing", file=sys.stderr, flush=True)
+    tables = compute()
+    names = [f"{digest[:20]}-{i}.csv" for i in range(len(tables))]
+    for name, table in zip(names, tables):
+        atomic_write(directory / name, lambda tmp, t=table: t.to_csv(tmp, index=False))
+    text = json.dumps({"key": key, "tables": names}, indent=2, sort_keys=True, default=str)
+    atomic_write(manifest, lambda tmp: tmp.write_text(text))  # written last: marks the entry complete
+    return tuple(pd.read_csv(directory / name) for name in names)

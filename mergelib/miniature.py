@@ -1,8 +1,14 @@
-"""The embedded miniature, end to end: data, backbone, heads, experts, leave-one-domain-out merging.
+"""The embedded miniature, end to end: data, backbone, heads, experts, and the two protocols.
 
-:func:`run_domain_generalization` is what the book's first chapter runs. Every expensive stage is
-cached (pretraining and each expert, keyed by a hash of everything that determines them), so a
-second run only re-evaluates. Results are written as tidy CSV with a JSON provenance record.
+* :func:`prepare_domain_experts` and :func:`prepare_task_experts` give the tiny CLIP (pretrained
+  here), the data and one fine-tuned expert per domain of the domain benchmark or per task of the
+  multi-task suite, as an :class:`Experts` bundle that the analyses and notebooks share.
+* :func:`leave_one_domain_out` (SCORE's protocol) and :func:`multitask` (ESM's) evaluate any
+  registered methods on them; :func:`run_domain_generalization` is the book's first chapter.
+
+Every expensive stage is cached: pretraining and each expert by a hash of everything that
+determines them, evaluations by the hash of the experts, data, methods and the code's own
+fingerprint, so a second build only reads tables. Results are tidy CSV with provenance.
 """
 
 from __future__ import annotations
@@ -11,14 +17,14 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 
 from .backbones import BACKBONES, Clip, create_clip
-from .checkpoints import cached_state, config_hash
-from .data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, ImageSet, make_domain_benchmark
+from .checkpoints import cached_state, cached_tables, config_hash
+from .data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, TASKS, ImageSet, make_domain_benchmark, make_task
 from .dg import evaluate_leave_one_domain_out
 from .errors import ParameterError, lookup
 from .evaluation import EncoderEvaluator
@@ -26,8 +32,10 @@ from .finetune import MINIATURE_FINETUNE, FinetuneConfig, finetune_image_encoder
 from .heads import ClassificationHead, zero_shot_head
 from .essential import subspaces_of_experts
 from .methods import parse_method_spec
+from .methods.common import check_choice
+from .multitask import evaluate_multitask
 from .pretrain import PretrainConfig, pretrained_tiny_clip
-from .provenance import REPO_ROOT, StageTimer, git_state, provenance, write_json
+from .provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
 from .task_vectors import StateDict, encoder_state, task_vector
 
 
@@ -41,7 +49,7 @@ ALL_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs
 SMOKE_PARAMETERS: dict[str, Any] = dict(
     domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
     batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
-    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0],
+    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0], task_n_train=128, task_n_test=64,
 )
 
 
@@ -78,6 +86,9 @@ class MiniatureConfig:
     pretrain_domains: tuple[str, ...] = ("photo", "negative", "texture")
     fine_caption_fraction: float = PretrainConfig.fine_caption_fraction
     esm_proxy_count: int = 32  # proxy images per expert for ESM's essential subspaces (its own domain)
+    tasks: tuple[str, ...] = ("fashion", "digits", "animals", "textures")  # the multi-task suite
+    task_n_train: int = 2000
+    task_n_test: int = 500
     device: str = "auto"
     cache_dir: str = ""  # "" means default_cache_dir()
 
@@ -107,9 +118,12 @@ class MiniatureConfig:
         missing = [m for m in self.sweep_methods if m not in self.methods]
         if missing:
             raise ParameterError(f"sweep_methods {missing} must also be listed in 'methods'")
+        for task in self.tasks:
+            lookup(TASKS, "task", task)
         if len(self.domains) < 2:
             raise ParameterError("parameter 'domains' needs at least two domains for leave-one-domain-out")
-        for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain"):
+        for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain",
+                     "task_n_train", "task_n_test", "esm_proxy_count"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
 
@@ -198,6 +212,180 @@ def needs_essential_subspaces(method: str) -> bool:
 
 
 @dataclass
+class Experts:
+    """A pretrained backbone and its fine-tuned experts, with the data they were trained and are
+    evaluated on: one expert per domain of the domain benchmark, or per task of the suite."""
+
+    config: MiniatureConfig
+    backbone: Backbone
+    kind: str  # "domains" or "tasks"
+    names: tuple[str, ...]
+    train: dict[str, ImageSet]
+    test: dict[str, ImageSet]
+    heads: dict[str, ClassificationHead]  # the frozen zero-shot head of each domain or task
+    pretrained: StateDict
+    experts: dict[str, StateDict]
+    task_vectors: dict[str, StateDict]
+    manifests: dict[str, dict]
+    data_fingerprint: str
+    timings: dict[str, float]
+
+    @property
+    def clip(self) -> Clip:
+        return self.backbone.clip
+
+    def stack(self, key: str, names: Sequence[str] | None = None) -> torch.Tensor:
+        """The task vectors of ``key`` as a ``[T, *shape]`` float32 stack (all names by default)."""
+        return torch.stack([self.task_vectors[n][key].float() for n in (names or self.names)])
+
+    def result_key(self) -> dict[str, Any]:
+        """What any evaluation of these experts depends on (for result caches)."""
+        return {"pretrained": self.backbone.key, "data": self.data_fingerprint, "code": code_fingerprint(),
+                "experts": {n: m.get("sha256") for n, m in self.manifests.items()}}
+
+
+def _cache_dir(config: MiniatureConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+
+def _fine_tune_all(
+    config: MiniatureConfig, backbone: Backbone, kind: str, names: Sequence[str], train: Mapping[str, ImageSet],
+    heads: Mapping[str, ClassificationHead], templates: Mapping[str, tuple[str, ...]], dataset: Mapping[str, str],
+    device: torch.device, progress: bool,
+) -> tuple[dict[str, StateDict], dict[str, dict]]:
+    experts, manifests = {}, {}
+    for name in names:
+        experts[name], manifests[name] = expert_state(
+            backbone, heads[name], train[name], config.finetune, _cache_dir(config), dataset=dataset[name],
+            domain=name, templates=templates[name], device=device, progress=progress)
+    return experts, manifests
+
+
+def prepare_domain_experts(config: MiniatureConfig = MiniatureConfig(), *, progress: bool = True) -> Experts:
+    """The miniature's domain benchmark, backbone, zero-shot head and one expert per domain
+    (pretrained and fine-tuned now, or loaded from the cache)."""
+    config.validate()
+    timer = StageTimer(verbose=progress)
+    device = resolve_device(config.device)
+    with timer.stage("data"):
+        benchmark = make_domain_benchmark(config.domains, n_train=config.n_train, n_test=config.n_test, seed=config.seed)
+    with timer.stage("backbone (pretrain or load)"):
+        backbone = load_backbone(config, _cache_dir(config), device, progress)
+    with timer.stage("zero-shot head"):
+        templates = tuple(DOMAIN_BENCHMARK_TEMPLATES)
+        head = zero_shot_head(backbone.clip, benchmark.classnames, templates)
+    names = tuple(config.domains)
+    with timer.stage("fine-tune experts"):
+        experts, manifests = _fine_tune_all(
+            config, backbone, "domains", names, benchmark.train, {d: head for d in names}, {d: templates for d in names},
+            {d: benchmark.name for d in names}, device, progress)
+    pretrained = encoder_state(backbone.clip.model.visual)
+    return Experts(config, backbone, "domains", names, dict(benchmark.train), dict(benchmark.test),
+                   {d: head for d in names}, pretrained, experts,
+                   {d: task_vector(state, pretrained) for d, state in experts.items()}, manifests,
+                   benchmark.fingerprint(), dict(timer.seconds))
+
+
+def prepare_task_experts(config: MiniatureConfig = MiniatureConfig(), *, progress: bool = True) -> Experts:
+    """The miniature's multi-task suite (``config.tasks``), each task with its own zero-shot head
+    from its templates, and one expert per task, from the same pretrained backbone."""
+    config.validate()
+    timer = StageTimer(verbose=progress)
+    device = resolve_device(config.device)
+    names = tuple(config.tasks)
+    with timer.stage("data"):
+        splits = {t: make_task(t, n_train=config.task_n_train, n_test=config.task_n_test, seed=config.seed) for t in names}
+    with timer.stage("backbone (pretrain or load)"):
+        backbone = load_backbone(config, _cache_dir(config), device, progress)
+    with timer.stage("zero-shot heads"):
+        templates = {t: tuple(TASKS[t].caption_templates) for t in names}
+        heads = {t: zero_shot_head(backbone.clip, splits[t][0].classnames, templates[t]) for t in names}
+    train = {t: splits[t][0] for t in names}
+    with timer.stage("fine-tune experts"):
+        experts, manifests = _fine_tune_all(config, backbone, "tasks", names, train, heads, templates,
+                                            {t: f"suite-{t}" for t in names}, device, progress)
+    pretrained = encoder_state(backbone.clip.model.visual)
+    fingerprint = config_hash({t: (splits[t][0].fingerprint(), splits[t][1].fingerprint()) for t in names})
+    return Experts(config, backbone, "tasks", names, train, {t: splits[t][1] for t in names}, heads, pretrained,
+                   experts, {t: task_vector(state, pretrained) for t, state in experts.items()}, manifests,
+                   fingerprint, dict(timer.seconds))
+
+
+PROXY_SOURCES = ("own", "others")
+
+
+def proxy_subspaces(
+    prepared: Experts, *, count: int = 32, seed: int = 0, source: str = "own", names: Sequence[str] | None = None
+) -> dict[str, dict]:
+    """ESM's essential subspaces of each expert, from ``count`` proxy images drawn with ``seed``.
+
+    ``source="own"``: the expert's own training images (in distribution; never a held-out
+    domain's). ``"others"``: the other experts' training images pooled (out of distribution for
+    this expert, the miniature's counterpart of ESM's ImageNet proxies).
+    """
+    check_choice("source", source, PROXY_SOURCES)
+    names = tuple(names or prepared.names)
+    pools = {n: prepared.train[n].images if source == "own"
+             else torch.cat([prepared.train[o].images for o in prepared.names if o != n]) for n in names}
+    return subspaces_of_experts(prepared.clip, prepared.pretrained, {n: prepared.task_vectors[n] for n in names},
+                                pools, count=count, seed=seed, device=resolve_device(prepared.config.device))
+
+
+def esm_fold_parameters(subspaces: Mapping[str, dict]) -> dict[str, Any]:
+    """``fold_parameters`` for the protocols: ESM receives the subspaces of exactly the merged experts."""
+    return {"esm": lambda sources: {"subspaces": [subspaces[s] for s in sources]}}
+
+
+def leave_one_domain_out(
+    prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
+    *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SCORE's leave-one-domain-out protocol on prepared domain experts, cached by everything it
+    depends on (experts, data, methods, coefficients, proxies, code): results and expert matrix."""
+    config = prepared.config
+    count = config.esm_proxy_count if esm_proxy_count is None else esm_proxy_count
+    per_method = {m: tuple(coefficients[m] if isinstance(coefficients, Mapping) else coefficients) for m in methods}
+    key = {"protocol": "leave-one-domain-out", **prepared.result_key(), "methods": per_method,
+           "esm_proxies": [count, esm_proxy_source, config.seed] if any(map(needs_essential_subspaces, methods)) else None}
+
+    def compute():
+        fold = {}
+        if key["esm_proxies"]:
+            fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
+        evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
+        head = prepared.heads[prepared.names[0]]
+        return evaluate_leave_one_domain_out(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
+                                             head, prepared.test, methods, per_method, fold_parameters=fold,
+                                             progress=progress)
+
+    return cached_tables(_cache_dir(config) / "results", key, compute)
+
+
+def multitask(
+    prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
+    *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The multi-task protocol (all task experts merged, evaluated on every task with its head),
+    cached like :func:`leave_one_domain_out`: results and per-task reference accuracies."""
+    config = prepared.config
+    count = config.esm_proxy_count if esm_proxy_count is None else esm_proxy_count
+    per_method = {m: tuple(coefficients[m] if isinstance(coefficients, Mapping) else coefficients) for m in methods}
+    key = {"protocol": "multi-task", **prepared.result_key(), "methods": per_method,
+           "esm_proxies": [count, esm_proxy_source, config.seed] if any(map(needs_essential_subspaces, methods)) else None}
+
+    def compute():
+        fold = {}
+        if key["esm_proxies"]:
+            fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
+        evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
+        return evaluate_multitask(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
+                                  prepared.heads, prepared.test, methods, per_method, fold_parameters=fold,
+                                  progress=progress)
+
+    return cached_tables(_cache_dir(config) / "results", key, compute)
+
+
+@dataclass
 class MiniatureRun:
     config: MiniatureConfig
     results: pd.DataFrame
@@ -218,49 +406,23 @@ def run_domain_generalization(
     """Run the miniature leave-one-domain-out experiment; write and return its results."""
     config.validate()
     started_at = git_state()
+    prepared = prepare_domain_experts(config, progress=progress)
     timer = StageTimer(verbose=progress)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    device = resolve_device(config.device)
-    with timer.stage("data"):
-        benchmark = make_domain_benchmark(config.domains, n_train=config.n_train, n_test=config.n_test, seed=config.seed)
-    with timer.stage("backbone (pretrain or load)"):
-        backbone = load_backbone(config, cache_dir, device, progress)
-    with timer.stage("zero-shot head"):
-        templates = tuple(DOMAIN_BENCHMARK_TEMPLATES)
-        head = zero_shot_head(backbone.clip, benchmark.classnames, templates)
-    pretrained = encoder_state(backbone.clip.model.visual)
-    experts, manifests = {}, {}
-    with timer.stage("fine-tune experts"):
-        for domain in config.domains:
-            experts[domain], manifests[domain] = expert_state(
-                backbone, head, benchmark.train[domain], config.finetune, cache_dir,
-                dataset=benchmark.name, domain=domain, templates=templates, device=device, progress=progress)
-    task_vectors = {d: task_vector(state, pretrained) for d, state in experts.items()}
-    fold_parameters = {}
-    if any(needs_essential_subspaces(m) for m in config.methods):
-        with timer.stage("ESM essential subspaces"):
-            # each expert's proxies come from its own domain's training images, never the held-out one
-            subspaces = subspaces_of_experts(
-                backbone.clip, pretrained, task_vectors, {d: benchmark.train[d].images for d in config.domains},
-                count=config.esm_proxy_count, seed=config.seed, device=device)
-        fold_parameters["esm"] = lambda sources: {"subspaces": [subspaces[s] for s in sources]}
+    timer.seconds.update(prepared.timings)
     coefficients = {m: (config.coefficients if m in config.sweep_methods else (1.0,)) for m in config.methods}
     with timer.stage("evaluate (leave-one-domain-out)"):
-        evaluator = EncoderEvaluator(backbone.clip, device=device)
-        results, matrix = evaluate_leave_one_domain_out(
-            evaluator, pretrained, experts, task_vectors, head, benchmark.test,
-            config.methods, coefficients, fold_parameters=fold_parameters, progress=progress)
+        results, matrix = leave_one_domain_out(prepared, config.methods, coefficients, progress=progress)
     for frame in (results, matrix):
         frame.insert(0, "backbone", config.backbone)
-        frame.insert(0, "benchmark", benchmark.name)
+        frame.insert(0, "benchmark", "fashion-domains")
         frame["seed"] = config.seed
     record = provenance(
         config.as_dict(),
         git=started_at,
         seeds={"data": config.seed, "pretrain": config.pretrain.seed, "finetune": config.finetune.seed},
-        pretrained_key=backbone.key,
-        experts={d: {"file": m.get("file"), "sha256": m.get("sha256")} for d, m in manifests.items()},
-        benchmark_fingerprint=benchmark.fingerprint(),
+        pretrained_key=prepared.backbone.key,
+        experts={d: {"file": m.get("file"), "sha256": m.get("sha256")} for d, m in prepared.manifests.items()},
+        benchmark_fingerprint=prepared.data_fingerprint,
         timings_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
     )
     if results_dir is not None:
@@ -269,7 +431,8 @@ def run_domain_generalization(
         results.to_csv(results_dir / "results.csv", index=False)
         matrix.to_csv(results_dir / "expert_matrix.csv", index=False)
         write_json(results_dir / "provenance.json", record)
-    return MiniatureRun(config, results, matrix, backbone.manifest, manifests, dict(timer.seconds), record, results_dir)
+    return MiniatureRun(config, results, matrix, prepared.backbone.manifest, prepared.manifests, dict(timer.seconds),
+                        record, results_dir)
 
 
 # The recipe variants behind the miniature's defaults (see the first chapter). Each is a set of

@@ -64,8 +64,9 @@ def reference_tsv_m(deltas):
     return _polar(ucat) @ torch.diag(scat) @ _polar(vtcat)
 
 
-def reference_score(deltas, keep="trimmed", z=1.96, divide=True):
-    """score.md §6.9 pseudocode, for shapes where T divides r (no completion needed)."""
+def reference_score(deltas, keep="trimmed", z=1.96, divide=True, statistics="released"):
+    """score.md §6.9 pseudocode, for shapes where T divides r (no completion needed); with
+    ``statistics="off_diagonal"`` the mean and std are those of the off-diagonal entries (paper)."""
     ucat, _, vtcat, used = _zero_padded_concatenation(deltas)
     assert used == ucat.shape[1], "the independent implementation covers T | r only"
     us, vts = _polar(ucat), _polar(vtcat)
@@ -74,8 +75,9 @@ def reference_score(deltas, keep="trimmed", z=1.96, divide=True):
         projected = us.T @ delta @ vts.T
         diagonal = torch.diag(torch.diag(projected))
         off = projected - diagonal
-        threshold = z * off.std() / (len(deltas) if divide else 1)
-        trimmed = off * ((off - off.mean()).abs() <= threshold)
+        values = off if statistics == "released" else off[~torch.eye(off.shape[0], dtype=torch.bool)]
+        threshold = z * values.std() / (len(deltas) if divide else 1)
+        trimmed = off * ((off - values.mean()).abs() <= threshold)
         total = total + {"trimmed": diagonal + trimmed, "diagonal": diagonal, "off_diagonal": trimmed,
                          "full": projected, "released_full": diagonal + 1}[keep]
     return us @ total @ vts
@@ -123,6 +125,31 @@ def test_score_matches_the_pseudocode_of_the_released_code(keep, divide):
     for key in MATRIX_KEYS_T_DIVIDES:
         expected = reference_score([tv[key] for tv in tvs], keep=keep, divide=divide)
         torch.testing.assert_close(merged[key], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_score_paper_statistics_match_the_reference():
+    tvs = _task_vectors(3, SHAPES, seed=21)
+    merged = mergelib.merge("score", tvs, device="cpu", trim_statistics="off_diagonal")
+    released = mergelib.merge("score", tvs, device="cpu")
+    for key in MATRIX_KEYS_T_DIVIDES:
+        deltas = [tv[key] for tv in tvs]
+        torch.testing.assert_close(merged[key], reference_score(deltas, statistics="off_diagonal"), rtol=1e-9, atol=1e-9)
+        assert not torch.allclose(merged[key], released[key])
+
+
+def test_score_rank_fraction_and_an_uncompleted_basis():
+    tvs = _task_vectors(3, {"visual.w": (12, 9)}, seed=22)
+    stack = torch.stack([tv["visual.w"] for tv in tvs])
+    u_star, vh_star = score_module.score_basis(stack, rank_fraction=1 / 3, complete_basis=False)
+    assert u_star.shape == (12, 3) and vh_star.shape == (3, 9)  # k = int(9 / 3 / 3) = 1 per task
+    torch.testing.assert_close(u_star.T @ u_star, torch.eye(3, dtype=stack.dtype))
+    # the uncompleted basis at full rank differs from the default only where T does not divide r
+    torch.testing.assert_close(mergelib.merge("score", tvs, device="cpu", complete_basis=False)["visual.w"],
+                               mergelib.merge("score", tvs, device="cpu")["visual.w"])
+    low = mergelib.merge("score", tvs, device="cpu", rank_fraction=1 / 3, complete_basis=False, keep="full")["visual.w"]
+    assert torch.linalg.matrix_rank(low) <= 3
+    with pytest.raises(ValueError, match="rank_fraction"):
+        mergelib.merge("score", tvs, rank_fraction=1.5)
 
 
 @pytest.mark.parametrize("method, reference", [("iso_c", reference_iso_c), ("iso_cts", reference_iso_cts)])

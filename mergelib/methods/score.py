@@ -28,8 +28,13 @@ Following the released code rather than the paper's text:
   natural-image benchmarks; ``divide_by_tasks=False`` gives ``z sigma``, the paper's text and the
   released behaviour for FedISIC and RetinaDomains;
 * ``mu`` and ``sigma`` are taken over all r^2 entries of the diagonal-zeroed matrix (the r zeros
-  included), not over the off-diagonal entries alone; the comparison is ``<=`` (paper: ``<``);
-* the rank per task is ``int(r / T)`` with T the number of merged models (paper: 1/D);
+  included; ``trim_statistics="released"``), not over the off-diagonal entries alone
+  (``"off_diagonal"``, the paper's text); the comparison is ``<=`` (paper: ``<``, immaterial);
+* the rank per task is ``int(r / T)`` with T the number of merged models (paper: 1/D, which
+  under leave-one-out is ``rank_fraction = T / (T + 1)``); ``rank_fraction`` scales it
+  (``k = max(1, int(rank_fraction r / T))``) and ``complete_basis=False`` keeps only the
+  ``T k`` concatenated directions instead of completing the basis to ``r`` (both ours, for the
+  sensitivity study);
 * trimmed matrices are *summed* over tasks; non-matrix tensors are *averaged*;
 * the merged vector is applied with coefficient 1 (the paper's epsilon = 1).
 
@@ -52,6 +57,8 @@ from ..errors import ParameterValueError
 from .common import (
     TaskVector,
     check_choice,
+    check_flag,
+    check_fraction,
     concatenated_singular_vectors,
     is_all_zero,
     is_matrix,
@@ -64,29 +71,53 @@ from .common import (
 from .registry import register
 
 KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
+TRIM_STATISTICS = ("released", "off_diagonal")
 
 
-def score_basis(stack: torch.Tensor, key: str = "matrix") -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared bases ``U* (m x r)`` and ``V*^T (r x n)`` of the ``[T, m, n]`` task matrices."""
-    return basis_from_svd(svd(stack), rank_per_task(key, min(stack.shape[1:]), stack.shape[0]))
+def score_basis(
+    stack: torch.Tensor, key: str = "matrix", *, rank_fraction: float = 1.0, complete_basis: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared bases ``U*`` and ``V*^T`` of the ``[T, m, n]`` task matrices.
+
+    Each task contributes ``k = max(1, int(rank_fraction * r / T))`` singular directions (released:
+    ``int(r / T)``); with ``complete_basis`` the basis is completed to ``r`` directions as the
+    released zero padding does (``U*`` is ``m x r``), otherwise it spans the ``T k`` directions only.
+    """
+    tasks, rank = stack.shape[0], min(stack.shape[1:])
+    k = rank_per_task(key, rank, tasks)
+    k = max(1, int(rank_fraction * rank / tasks)) if rank_fraction != 1.0 else k
+    return basis_from_svd(svd(stack), k, complete=complete_basis)
 
 
-def basis_from_svd(decomposition, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def basis_from_svd(decomposition, k: int, *, complete: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared bases from the tasks' batched SVD ``(U [T, m, r], S [T, r], Vh [T, r, n])``."""
     u, s, vh = decomposition
     left, _, right = concatenated_singular_vectors(u, s, vh, k)
-    return shared_basis(left, right, min(u.shape[1], vh.shape[2]))
+    return shared_basis(left, right, min(u.shape[1], vh.shape[2]) if complete else left.shape[1])
 
 
-def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float) -> torch.Tensor:
+def trim_statistics(off_diagonal: torch.Tensor, statistics: str = "released") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task mean and unbiased standard deviation (``[T, 1, 1]``) of the diagonal-zeroed
+    ``[T, r, r]`` matrices: over all r^2 entries, the r zeros included (``"released"``), or over
+    the r^2 - r off-diagonal entries only (``"off_diagonal"``, the paper's text)."""
+    if statistics == "released":
+        return (off_diagonal.mean(dim=(-2, -1), keepdim=True),
+                off_diagonal.std(dim=(-2, -1), keepdim=True, correction=1))
+    rank = off_diagonal.shape[-1]
+    entries = off_diagonal.flatten(-2)[..., ~torch.eye(rank, dtype=torch.bool, device=off_diagonal.device).flatten()]
+    return entries.mean(dim=-1)[..., None, None], entries.std(dim=-1, correction=1)[..., None, None]
+
+
+def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float, statistics: str = "released") -> torch.Tensor:
     """Which entries of the diagonal-zeroed ``[T, r, r]`` matrices lie within ``z sigma / divisor``
-    of their mean (statistics per task over all r^2 entries, unbiased standard deviation)."""
-    mean = off_diagonal.mean(dim=(-2, -1), keepdim=True)
-    std = off_diagonal.std(dim=(-2, -1), keepdim=True, correction=1)
+    of their mean (statistics per task, see :func:`trim_statistics`)."""
+    mean, std = trim_statistics(off_diagonal, statistics)
     return (off_diagonal - mean).abs() <= z * std / divisor
 
 
-def score_core(projected: torch.Tensor, keep: str, z: float, divide_by_tasks: bool) -> torch.Tensor:
+def score_core(
+    projected: torch.Tensor, keep: str, z: float, divide_by_tasks: bool, statistics: str = "released"
+) -> torch.Tensor:
     """``sum_t`` of what ``keep`` retains of each projected task matrix ``[T, r, r]``."""
     tasks, rank, _ = projected.shape
     diagonal = torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1))
@@ -97,28 +128,30 @@ def score_core(projected: torch.Tensor, keep: str, z: float, divide_by_tasks: bo
     if keep == "released_full":
         return diagonal.sum(dim=0) + tasks  # ours_v4 adds the flag (True == 1) to every entry
     off_diagonal = projected - diagonal
-    kept = off_diagonal * trim_mask(off_diagonal, z, tasks if divide_by_tasks else 1)
+    kept = off_diagonal * trim_mask(off_diagonal, z, tasks if divide_by_tasks else 1, statistics)
     if keep == "off_diagonal":
         return kept.sum(dim=0)
     return (diagonal + kept).sum(dim=0)
 
 
 def score_matrix(
-    key: str, stack: torch.Tensor, *, keep: str = "trimmed", z: float = 1.96, divide_by_tasks: bool = True
+    key: str, stack: torch.Tensor, *, keep: str = "trimmed", z: float = 1.96, divide_by_tasks: bool = True,
+    trim_statistics: str = "released", rank_fraction: float = 1.0, complete_basis: bool = True,
 ) -> torch.Tensor:
     """SCORE of one matrix: ``stack`` is ``[T, m, n]``; returns ``[m, n]``."""
     if is_all_zero(stack):
         return torch.zeros_like(stack[0])
-    return score_from_basis(stack, *score_basis(stack, key), keep=keep, z=z, divide_by_tasks=divide_by_tasks)
+    basis = score_basis(stack, key, rank_fraction=rank_fraction, complete_basis=complete_basis)
+    return score_from_basis(stack, *basis, keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics)
 
 
 def score_from_basis(
     stack: torch.Tensor, u_star: torch.Tensor, vh_star: torch.Tensor, *, keep: str = "trimmed", z: float = 1.96,
-    divide_by_tasks: bool = True,
+    divide_by_tasks: bool = True, trim_statistics: str = "released",
 ) -> torch.Tensor:
     """Steps 2-4 of SCORE in a given shared basis: project, keep what ``keep`` says, sum, map back."""
     projected = u_star.T @ stack @ vh_star.T
-    return u_star @ score_core(projected, keep, z, divide_by_tasks) @ vh_star
+    return u_star @ score_core(projected, keep, z, divide_by_tasks, trim_statistics) @ vh_star
 
 
 @register(
@@ -145,6 +178,9 @@ def score(
     keep: str = "trimmed",
     z: float = 1.96,
     divide_by_tasks: bool = True,
+    trim_statistics: str = "released",
+    rank_fraction: float = 1.0,
+    complete_basis: bool = True,
 ) -> TaskVector:
     """SCORE: project each task matrix into a shared basis, trim off-diagonal outliers, sum.
 
@@ -152,12 +188,18 @@ def score(
     path; every other tensor is averaged over the tasks.
     """
     check_choice("keep", keep, KEEP_CHOICES)
+    check_choice("trim_statistics", trim_statistics, TRIM_STATISTICS)
+    check_fraction("rank_fraction", rank_fraction, zero_ok=False, one_ok=True)
+    check_flag("complete_basis", complete_basis)
+    check_flag("divide_by_tasks", divide_by_tasks)
     if not (isinstance(z, (int, float)) and z > 0):
         raise ParameterValueError(f"z must be a positive number, got {z!r}")
+    options = dict(keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics,
+                   rank_fraction=rank_fraction, complete_basis=complete_basis)
 
     def merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
         if not is_matrix(key, stack[0]):
             return mean_over_tasks(key, stack)
-        return score_matrix(key, stack, keep=keep, z=z, divide_by_tasks=divide_by_tasks)
+        return score_matrix(key, stack, **options)
 
     return merge_per_key(task_vectors, merge_key, device=device)
