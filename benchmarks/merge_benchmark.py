@@ -205,8 +205,11 @@ def run_configuration(backbone: str, tasks: int, methods, device, with_reference
             record["speedup_of_mergelib"] = record["seconds"] / result["methods"][name]["seconds"]
             record["relative_difference_float32"] = relative_difference(outputs[name], reference)
             wide = [{k: tv[k].double() for k in small_keys} for tv in vectors]
-            ours64 = mergelib.merge(name, wide, device="cpu")
-            record["relative_difference_float64"] = relative_difference(ours64, reference_merge(rule, wide))
+            ours64, reference64 = mergelib.merge(name, wide, device="cpu"), reference_merge(rule, wide)
+            record["relative_difference_float64"] = relative_difference(ours64, reference64)
+            # how far each float32 result is from the float64 one (same keys): the accuracy that matters
+            record["float32_error_mergelib"] = relative_difference({k: outputs[name][k] for k in small_keys}, ours64)
+            record["float32_error_reference"] = relative_difference({k: reference[k] for k in small_keys}, reference64)
             record["float64_keys"] = small_keys
             result[f"reference_{name}"] = record
     return result
@@ -230,12 +233,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--reference-on", nargs="*", default=["ViT-B-32"],
                         help="backbones on which the full-SVD reference also runs (slow)")
-    parser.add_argument("--output", type=Path, default=None, help="JSON file (default results/benchmarks/merge-<device>.json)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON file (default results/benchmarks/merge-<device>-<backbones>.json)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     described = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     results, started_at = [], git_state()
-    output = args.output or REPO_ROOT / "results" / "benchmarks" / f"merge-{device.type}.json"
+    tag = "-".join(b.lower() for b in args.backbones)
+    output = args.output or REPO_ROOT / "results" / "benchmarks" / f"merge-{device.type}-{tag}.json"
     parameters = {"backbones": args.backbones, "tasks": args.tasks, "methods": args.methods, "device": str(device),
                   "reference_on": args.reference_on, "threads": torch.get_num_threads()}
     planned = [(b, t) for b in args.backbones for t in args.tasks]
@@ -265,7 +270,8 @@ def print_summary(results, described: str) -> None:
             if ref:
                 print(f"  reference {name}: {ref['seconds']:.1f} s -> mergelib {ref['speedup_of_mergelib']:.1f}x faster; "
                       f"relative difference float64 {ref['relative_difference_float64']:.1e}, "
-                      f"float32 {ref['relative_difference_float32']:.1e}")
+                      f"float32 {ref['relative_difference_float32']:.1e}; float32 error vs float64: mergelib "
+                      f"{ref['float32_error_mergelib']:.1e}, reference {ref['float32_error_reference']:.1e}")
 
 
 if __name__ == "__main__":

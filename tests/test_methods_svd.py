@@ -186,6 +186,37 @@ def test_shared_bases_are_orthonormal_and_extend_the_polar_factors(shape, tasks)
     torch.testing.assert_close(vh_star[: tasks * k], _polar(right))
 
 
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60), (24, 20)])
+def test_truncated_svd_of_float32_is_at_least_as_accurate_as_a_float32_svd(shape):
+    g = torch.Generator().manual_seed(0)
+    spectrum = torch.logspace(0, -3, min(shape), dtype=torch.float64)  # distinct values down to 1e-3
+
+    def matrix():
+        left = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=torch.float64))[0]
+        right = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=torch.float64))[0]
+        return (left * spectrum) @ right.T
+
+    exact = torch.stack([matrix(), matrix()])
+    k = min(shape) // 2
+    u, s, vh = common.truncated_svd(exact.float(), k)
+    assert u.shape == (2, shape[0], k) and s.shape == (2, k) and vh.shape == (2, k, shape[1]) and u.dtype == torch.float32
+    reference_u, reference_s, reference_vh = common.svd(exact)  # float64 truth, same sign rule
+    single_u, _, _ = common.svd(exact.float())
+    error = (u.double() - reference_u[..., :k]).abs().max()
+    assert error <= 2 * (single_u.double()[..., :k] - reference_u[..., :k]).abs().max() + 1e-6
+    torch.testing.assert_close(s.double(), reference_s[..., :k], rtol=1e-5, atol=1e-9)
+    # the largest entry of every left singular vector is positive
+    pivot = u.abs().argmax(dim=-2, keepdim=True)
+    assert bool((torch.gather(u, -2, pivot) > 0).all())
+
+
+def test_truncated_svd_falls_back_to_the_svd_on_rank_deficient_matrices():
+    rank_two = torch.randn(40, 2) @ torch.randn(2, 10)
+    u, s, vh = common.truncated_svd(rank_two[None], 4)
+    assert torch.isfinite(u).all() and s[0, 2:].abs().max() < 1e-4
+    torch.testing.assert_close(u[0] @ torch.diag(s[0]) @ vh[0], rank_two, atol=1e-4, rtol=1e-4)
+
+
 def test_orthonormal_completion_is_deterministic_and_handles_axis_aligned_bases():
     basis = torch.eye(6, dtype=torch.float64)[:, [0, 2, 3]]  # spans e0, e2, e3 exactly
     completion = orthonormal_completion(basis, 3)
@@ -214,15 +245,15 @@ def test_score_full_is_task_arithmetic_projected_onto_the_shared_subspaces():
 def test_score_diagonal_is_invariant_to_singular_vector_signs_but_trimming_is_not(monkeypatch):
     tvs = _task_vectors(3, {"visual.w": (15, 9)}, seed=7)
     before = {keep: mergelib.merge("score", tvs, device="cpu", keep=keep)["visual.w"] for keep in ("diagonal", "trimmed")}
-    original = common.svd
+    original = common.truncated_svd
     flips = torch.Generator().manual_seed(0)
 
-    def flipped_svd(matrices):
-        u, s, vh = original(matrices)
+    def flipped_svd(matrices, k):
+        u, s, vh = original(matrices, k)
         signs = torch.randint(0, 2, s.shape, generator=flips).to(u.dtype) * 2 - 1
         return u * signs[..., None, :], s, vh * signs[..., :, None]
 
-    monkeypatch.setattr(score_module, "svd", flipped_svd)
+    monkeypatch.setattr(score_module, "truncated_svd", flipped_svd)
     after = {keep: mergelib.merge("score", tvs, device="cpu", keep=keep)["visual.w"] for keep in ("diagonal", "trimmed")}
     torch.testing.assert_close(after["diagonal"], before["diagonal"])
     assert not torch.allclose(after["trimmed"], before["trimmed"], rtol=1e-6, atol=1e-9)

@@ -175,6 +175,40 @@ def svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return u, s, vh
 
 
+GRAM_ASPECT = 1.5  # the Gram route pays off when one side is at least this much longer than the other
+
+
+def truncated_svd(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` singular triplets of a matrix or batch, with deterministic signs.
+
+    Returns ``U [..., m, k]``, ``S [..., k]``, ``Vh [..., k, n]``. For float32 (or widened half)
+    matrices whose long side is at least 1.5 times the short one, the triplets come from the
+    eigendecomposition of the small Gram matrix (``A^T A`` or ``A A^T``) computed in float64:
+    several times cheaper than an SVD of the rectangular matrix, and, since the Gram of float32
+    values is formed in float64, more accurate than a float32 SVD for every singular value above
+    about 1e-8 of the largest. Square-ish and float64 matrices use the thin SVD of :func:`svd`.
+    A batch in which some task's top-k contains a (numerically) zero singular value falls back to
+    the SVD, whose null directions are then the LAPACK routine's choice.
+    """
+    m, n = matrices.shape[-2:]
+    if matrices.dtype != torch.float32 or max(m, n) < GRAM_ASPECT * min(m, n):
+        u, s, vh = svd(matrices)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
+    wide = m < n
+    x = (matrices.mT if wide else matrices).double()  # tall: [.., long, short]
+    values, vectors = torch.linalg.eigh(x.mT @ x)  # ascending
+    values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
+    floor = values[..., :1] * (torch.finfo(torch.float64).eps * x.shape[-2]) ** 2
+    if bool((values <= floor).any()):
+        u, s, vh = svd(matrices)
+        return u[..., :k], s[..., :k], vh[..., :k, :]
+    singular = values.sqrt()
+    long_side = (x @ vectors) / singular[..., None, :]  # the other side's singular vectors
+    u, vh = (vectors, long_side.mT) if wide else (long_side, vectors.mT)
+    u, vh = fix_signs(u, vh)
+    return u.to(matrices.dtype), singular.to(matrices.dtype), vh.to(matrices.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``P Q^T`` of ``A = P S Q^T`` (the closest matrix with
     orthonormal columns or rows, in Frobenius norm); batched over leading dimensions."""

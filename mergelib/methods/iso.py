@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, check_fraction, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd
+from .common import TaskVector, check_fraction, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
 from .registry import register
 
 
@@ -63,10 +63,10 @@ def iso_cts_matrix(stack: torch.Tensor, common_fraction: float) -> torch.Tensor:
     lefts, values, rights = [], [], []
     if per_task > 0:
         residual = stack - u_common @ (u_common.T @ stack)
-        u_t, s_t, vh_t = svd(residual)
-        lefts.append(u_t[:, :, :per_task].permute(1, 0, 2).reshape(m, tasks * per_task))
-        values.append(s_t[:, :per_task].reshape(-1))
-        rights.append(vh_t[:, :per_task, :].reshape(tasks * per_task, n))
+        u_t, s_t, vh_t = truncated_svd(residual, per_task)
+        lefts.append(u_t.permute(1, 0, 2).reshape(m, tasks * per_task))
+        values.append(s_t.reshape(-1))
+        rights.append(vh_t.reshape(tasks * per_task, n))
     left = torch.cat([*lefts, u_common], dim=1)
     right = torch.cat([*rights, vh_common], dim=0)
     mean_value = torch.cat([*values, s_common]).mean()

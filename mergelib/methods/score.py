@@ -66,7 +66,7 @@ from .common import (
     merge_per_key,
     rank_per_task,
     shared_basis,
-    svd,
+    truncated_svd,
 )
 from .registry import register
 
@@ -86,7 +86,7 @@ def score_basis(
     tasks, rank = stack.shape[0], min(stack.shape[1:])
     k = rank_per_task(key, rank, tasks)
     k = max(1, int(rank_fraction * rank / tasks)) if rank_fraction != 1.0 else k
-    return basis_from_svd(svd(stack), k, complete=complete_basis)
+    return basis_from_svd(truncated_svd(stack, k), k, complete=complete_basis)
 
 
 def basis_from_svd(decomposition, k: int, *, complete: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from .common import (
     merge_per_key,
     polar,
     rank_per_task,
-    svd,
+    truncated_svd,
 )
 from .registry import register
 
@@ -45,8 +45,7 @@ def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(stack[0])
     tasks, m, n = stack.shape
     k = rank_per_task(key, min(m, n), tasks)
-    u, s, vh = svd(stack)
-    left, values, right = concatenated_singular_vectors(u, s, vh, k)
+    left, values, right = concatenated_singular_vectors(*truncated_svd(stack, k), k)
     return (polar(left) * values) @ polar(right)
 
 
