@@ -144,6 +144,19 @@ def _vm(field: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier merges back to the OS (glibc keeps it otherwise), so the
+    resident set before a merge counts only live data and its peak measures this merge."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def measured(device: torch.device, record: dict):
     """Record wall seconds and the peak memory allocated beyond what was resident at entry."""
@@ -152,6 +165,7 @@ def measured(device: torch.device, record: dict):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        release_freed_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (Linux)
         except OSError:

@@ -37,6 +37,7 @@ class BackboneSpec:
         return self.pretrained_tag is not None
 
 
+#: The registered backbones, ``tiny-clip`` (pretrained here) and the OpenAI CLIP ViTs.
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (

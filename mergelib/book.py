@@ -35,11 +35,24 @@ def _miniature_smoke() -> dict[str, Any]:
     return {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("warmup_steps", "batch_size")}
 
 
+def _derivation_smoke(**extra: Any) -> dict[str, Any]:
+    """Smoke parameters of the derivation chapters: their own names, the rest as ``overrides``."""
+    from .miniature import SMOKE_PARAMETERS
+
+    overrides = {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("domains", "coefficients")}
+    return {"overrides": overrides, **extra}
+
+
 # In book order. The defaults of each notebook's `parameters` cell are the embedded miniature.
 NOTEBOOKS: tuple[BookNotebook, ...] = (
-    BookNotebook("01_domain_generalization", smoke=_miniature_smoke()),
-    BookNotebook("02_methods"),
-    BookNotebook("03_performance", smoke={"layer_shape": [48, 24]}),
+    BookNotebook("subspace_overlap", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"])),
+    BookNotebook("score_derived", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"], z_values=[1.96, 4.0],
+                                                          rank_fractions=[0.5, 1.0])),
+    BookNotebook("esm_derived", smoke=_derivation_smoke(proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0],
+                                                        rank_fractions=[0.05, 1.0])),
+    BookNotebook("domain_generalization", smoke=_miniature_smoke()),
+    BookNotebook("methods"),
+    BookNotebook("performance", smoke={"layer_shape": [48, 24]}),
 )
 
 
@@ -69,6 +82,9 @@ def execute_notebooks(
 ) -> list[Path]:
     """Execute every book notebook into ``output_dir``, with its book parameters, or with its smoke
     parameters when ``smoke`` (plus ``extra[name]``, e.g. a results folder for a test)."""
+    unknown = sorted(set(extra or {}) - {entry.name for entry in NOTEBOOKS})
+    if unknown:
+        raise ValueError(f"no book notebook named {unknown}; the notebooks are {[e.name for e in NOTEBOOKS]}")
     outputs = []
     for entry in NOTEBOOKS:
         start = time.perf_counter()
@@ -84,7 +100,7 @@ def build_book(root: Path = REPO_ROOT, **run_options: Any) -> subprocess.Complet
     """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail)."""
     executable = Path(sys.executable).with_name("jupyter-book")
     command = [str(executable), "build", "-W", "-n", "--keep-going", str(root)]
-    return subprocess.run(command, check=True, **run_options)
+    return subprocess.run(command, **{"check": True, **run_options})
 
 
 def glue(name: str, value: Any) -> None:

@@ -75,7 +75,7 @@ def save_state(path: Path, state: dict[str, torch.Tensor], manifest: dict[str, A
 def load_state(path: Path, *, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint after checking it against its manifest.
 
-    Raises :class:`CorruptCheckpointError` when the manifest is missing or unreadable, the key
+    Raises :class:`mergelib.errors.CorruptCheckpointError` when the manifest is missing or unreadable, the key
     differs from ``key``, or the file's hash does not match (truncated or modified file).
     """
     path = Path(path)

@@ -64,7 +64,7 @@ def evaluate_leave_one_domain_out(
 
     Args:
         methods: method specs, ``"tsv_m"`` or ``"score[keep=diagonal]"`` (see
-            :func:`mergelib.methods.parse_method_spec`); results are labelled with the spec.
+            :func:`mergelib.methods.registry.parse_method_spec`); results are labelled with the spec.
         coefficients: the global coefficients to evaluate every method at, or a mapping from
             spec label to its coefficients.
         fold_parameters: per method *name*, a function of the fold's source domains returning

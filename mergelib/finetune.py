@@ -37,7 +37,9 @@ class FinetuneConfig:
         return asdict(self)
 
 
-PAPER_FINETUNE = FinetuneConfig()  # SCORE's released recipe (epochs set per dataset)
+#: SCORE's released recipe (the epochs are set per dataset).
+PAPER_FINETUNE = FinetuneConfig()
+#: The papers' recipe scaled to the tiny CLIP of the miniature.
 MINIATURE_FINETUNE = FinetuneConfig(epochs=3, batch_size=128, lr=1e-4, weight_decay=0.1, warmup_steps=5, seed=5)
 
 

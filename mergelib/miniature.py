@@ -49,7 +49,7 @@ ALL_METHODS = ("weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs
 SMOKE_PARAMETERS: dict[str, Any] = dict(
     domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
     batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
-    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0], task_n_train=128, task_n_test=64,
+    pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0], task_n_train=128, task_n_val=32, task_n_test=64,
 )
 
 
@@ -88,7 +88,8 @@ class MiniatureConfig:
     esm_proxy_count: int = 32  # proxy images per expert for ESM's essential subspaces (its own domain)
     tasks: tuple[str, ...] = ("fashion", "digits", "animals", "textures")  # the multi-task suite
     task_n_train: int = 2000
-    task_n_test: int = 500
+    task_n_val: int = 100  # drawn from the task's test pool, disjoint from its test images
+    task_n_test: int = 400
     device: str = "auto"
     cache_dir: str = ""  # "" means default_cache_dir()
 
@@ -123,7 +124,7 @@ class MiniatureConfig:
         if len(self.domains) < 2:
             raise ParameterError("parameter 'domains' needs at least two domains for leave-one-domain-out")
         for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain",
-                     "task_n_train", "task_n_test", "esm_proxy_count"):
+                     "task_n_train", "task_n_val", "task_n_test", "esm_proxy_count"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
 
@@ -223,6 +224,7 @@ class Experts:
     train: dict[str, ImageSet]
     test: dict[str, ImageSet]
     heads: dict[str, ClassificationHead]  # the frozen zero-shot head of each domain or task
+    val: dict[str, ImageSet]  # validation sets (the task suite's; empty for domains, where none exists)
     pretrained: StateDict
     experts: dict[str, StateDict]
     task_vectors: dict[str, StateDict]
@@ -281,7 +283,7 @@ def prepare_domain_experts(config: MiniatureConfig = MiniatureConfig(), *, progr
             {d: benchmark.name for d in names}, device, progress)
     pretrained = encoder_state(backbone.clip.model.visual)
     return Experts(config, backbone, "domains", names, dict(benchmark.train), dict(benchmark.test),
-                   {d: head for d in names}, pretrained, experts,
+                   {d: head for d in names}, {}, pretrained, experts,
                    {d: task_vector(state, pretrained) for d, state in experts.items()}, manifests,
                    benchmark.fingerprint(), dict(timer.seconds))
 
@@ -294,7 +296,14 @@ def prepare_task_experts(config: MiniatureConfig = MiniatureConfig(), *, progres
     device = resolve_device(config.device)
     names = tuple(config.tasks)
     with timer.stage("data"):
-        splits = {t: make_task(t, n_train=config.task_n_train, n_test=config.task_n_test, seed=config.seed) for t in names}
+        splits = {}
+        for t in names:
+            train, pool = make_task(t, n_train=config.task_n_train, n_test=config.task_n_val + config.task_n_test, seed=config.seed)
+            if len(pool) < config.task_n_val + 1:
+                raise ParameterError(f"task {t!r} has only {len(pool)} test images; task_n_val must be smaller")
+            val = ImageSet(pool.images[: config.task_n_val], pool.labels[: config.task_n_val], pool.classnames, f"{pool.name}/val")
+            test = ImageSet(pool.images[config.task_n_val:], pool.labels[config.task_n_val:], pool.classnames, pool.name)
+            splits[t] = (train, val, test)
     with timer.stage("backbone (pretrain or load)"):
         backbone = load_backbone(config, _cache_dir(config), device, progress)
     with timer.stage("zero-shot heads"):
@@ -305,9 +314,9 @@ def prepare_task_experts(config: MiniatureConfig = MiniatureConfig(), *, progres
         experts, manifests = _fine_tune_all(config, backbone, "tasks", names, train, heads, templates,
                                             {t: f"suite-{t}" for t in names}, device, progress)
     pretrained = encoder_state(backbone.clip.model.visual)
-    fingerprint = config_hash({t: (splits[t][0].fingerprint(), splits[t][1].fingerprint()) for t in names})
-    return Experts(config, backbone, "tasks", names, train, {t: splits[t][1] for t in names}, heads, pretrained,
-                   experts, {t: task_vector(state, pretrained) for t, state in experts.items()}, manifests,
+    fingerprint = config_hash({t: [part.fingerprint() for part in splits[t]] for t in names})
+    return Experts(config, backbone, "tasks", names, train, {t: splits[t][2] for t in names}, heads,
+                   {t: splits[t][1] for t in names}, pretrained, experts, {t: task_vector(state, pretrained) for t, state in experts.items()}, manifests,
                    fingerprint, dict(timer.seconds))
 
 
@@ -380,7 +389,7 @@ def multitask(
         evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
         return evaluate_multitask(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
                                   prepared.heads, prepared.test, methods, per_method, fold_parameters=fold,
-                                  progress=progress)
+                                  val_sets=prepared.val or None, progress=progress)
 
     return cached_tables(_cache_dir(config) / "results", key, compute)
 

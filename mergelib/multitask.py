@@ -5,6 +5,11 @@ with that task's own zero-shot head. Reported per (method, coefficient, task): a
 accuracy and the *normalized* accuracy of TSV's Eq. 9, the merged model's accuracy divided by the
 task's own expert's (the fine-tuned reference). The expert table gives, per task, the zero-shot
 and the own-expert accuracies, the two ends of the scale.
+
+With validation sets, every merged model is also evaluated on them (``split`` column), and
+:func:`select_on_validation` picks each method's global coefficient by its mean validation
+accuracy, as TSV, Iso and ESM choose alpha (the released code normalises by the validation
+accuracy of the experts; both are reported), then reports the test accuracy at that coefficient.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def evaluate_multitask(
     coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     *,
     fold_parameters: Mapping[str, FoldParameters] | None = None,
+    val_sets: Mapping[str, ImageSet] | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -43,11 +49,13 @@ def evaluate_multitask(
 
     ``methods``, ``coefficients`` and ``fold_parameters`` as in
     :func:`mergelib.dg.evaluate_leave_one_domain_out` (here the one "fold" has every task as a
-    source). Returns the tidy results (``method, coefficient, task, accuracy, balanced_accuracy,
-    normalized_accuracy``) and the reference table (``task, method, accuracy, ...``) with the
-    zero-shot and own-expert rows.
+    source). Returns the tidy results (``method, coefficient, split, task, accuracy,
+    balanced_accuracy, normalized_accuracy``) and the reference table (``split, task, method,
+    accuracy, ...``) with the zero-shot and own-expert rows; ``split`` is ``"test"``, or also
+    ``"val"`` when ``val_sets`` are given.
     """
     tasks = list(test_sets)
+    splits = {"test": test_sets, **({"val": val_sets} if val_sets is not None else {})}
     missing = [t for t in tasks if t not in experts or t not in heads]
     if missing:
         raise ValueError(f"tasks {missing} lack an expert or a head")
@@ -56,34 +64,50 @@ def evaluate_multitask(
     fold_parameters = fold_parameters or {}
 
     reference_rows = []
-    own: dict[str, float] = {}
-    for task in tasks:
-        labels = test_sets[task].labels
-        for name, state in ((ZERO_SHOT, pretrained), (FINE_TUNED, experts[task])):
-            metrics = classification_metrics(evaluator.logits(state, heads[task], test_sets[task]), labels)
-            reference_rows.append({"task": task, "method": name, "n_test": len(labels), **metrics})
-            if name == FINE_TUNED:
-                own[task] = metrics["accuracy"]
+    own: dict[tuple[str, str], float] = {}
+    for split, sets in splits.items():
+        for task in tasks:
+            labels = sets[task].labels
+            for name, state in ((ZERO_SHOT, pretrained), (FINE_TUNED, experts[task])):
+                metrics = classification_metrics(evaluator.logits(state, heads[task], sets[task]), labels)
+                reference_rows.append({"split": split, "task": task, "method": name, "n": len(labels), **metrics})
+                if name == FINE_TUNED:
+                    own[split, task] = metrics["accuracy"]
     reference = pd.DataFrame(reference_rows)
 
     rows = []
     sources = list(task_vectors)
     vectors = [task_vectors[t] for t in sources]
-    bar = tqdm(total=sum(len(c) for c in per_method.values()) * len(tasks), desc="merge and evaluate (multi-task)",
-               disable=not progress, leave=False)
+    bar = tqdm(total=sum(len(c) for c in per_method.values()) * len(tasks) * len(splits),
+               desc="merge and evaluate (multi-task)", disable=not progress, leave=False)
     for spec in specs:
         extra = fold_parameters[spec.name](sources) if spec.name in fold_parameters else {}
         merged = merge(spec.name, vectors, **spec.params, **extra)
         for coefficient in per_method[spec.label]:
             state = apply_task_vector(pretrained, merged, alpha=coefficient)
-            for task in tasks:
-                labels = test_sets[task].labels
-                metrics = classification_metrics(evaluator.logits(state, heads[task], test_sets[task]), labels)
-                row = {"method": spec.label, "coefficient": float(coefficient), "task": task, "n_test": len(labels),
-                       **metrics, "normalized_accuracy": metrics["accuracy"] / own[task] if own[task] else float("nan")}
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
-                bar.update()
+            for split, sets in splits.items():
+                for task in tasks:
+                    labels = sets[task].labels
+                    metrics = classification_metrics(evaluator.logits(state, heads[task], sets[task]), labels)
+                    reference_accuracy = own[split, task]
+                    row = {"method": spec.label, "coefficient": float(coefficient), "split": split, "task": task,
+                           "n": len(labels), **metrics,
+                           "normalized_accuracy": metrics["accuracy"] / reference_accuracy if reference_accuracy else float("nan")}
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                    bar.update()
     bar.close()
     return pd.DataFrame(rows), reference
+
+
+def select_on_validation(results: pd.DataFrame, *, by: str = "accuracy") -> pd.DataFrame:
+    """Per method, the coefficient with the best mean validation ``by`` (the smallest on ties) and
+    the test rows at that coefficient, with a ``selected_coefficient`` column."""
+    if "val" not in set(results["split"]):
+        raise ValueError("select_on_validation needs results evaluated on validation sets (val_sets=...)")
+    val = results[results["split"] == "val"].groupby(["method", "coefficient"])[by].mean().reset_index()
+    best = val.sort_values(["method", by, "coefficient"], ascending=[True, False, True]).groupby("method").head(1)
+    chosen = dict(zip(best["method"], best["coefficient"]))
+    test = results[(results["split"] == "test") & (results["coefficient"] == results["method"].map(chosen))]
+    return test.assign(selected_coefficient=test["method"].map(chosen)).reset_index(drop=True)

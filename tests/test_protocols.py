@@ -11,7 +11,7 @@ from mergelib.data import TASKS, make_task
 from mergelib.evaluation import EncoderEvaluator, classification_metrics
 from mergelib.heads import zero_shot_head
 from mergelib.methods import METHODS, register
-from mergelib.multitask import FINE_TUNED, ZERO_SHOT, evaluate_multitask
+from mergelib.multitask import FINE_TUNED, ZERO_SHOT, evaluate_multitask, select_on_validation
 from mergelib.task_vectors import apply_task_vector, encoder_state, task_vector
 
 
@@ -60,11 +60,14 @@ def test_multitask_merges_every_task_once_and_normalizes_by_the_own_expert(tiny_
     experts = {t: {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in pretrained.items()} for t in names}
     vectors = {t: task_vector(s, pretrained) for t, s in experts.items()}
     evaluator = EncoderEvaluator(tiny_clip)
+    vals = {t: sets[t][0] for t in names}  # any disjoint set stands in for a validation split here
     results, reference = evaluate_multitask(evaluator, pretrained, experts, vectors, heads, tests,
-                                            ["count_for_test", "count_for_test[scale=0.5]"], [0.5, 1.0], progress=False)
+                                            ["count_for_test", "count_for_test[scale=0.5]"], [0.5, 1.0],
+                                            val_sets=vals, progress=False)
     assert counting_method == [2, 2]  # one merge of all tasks per method spec
-    assert len(results) == 2 * 2 * len(names) and set(reference.method) == {ZERO_SHOT, FINE_TUNED}
-    ref = reference.set_index(["task", "method"])["accuracy"]
+    assert len(results) == 2 * 2 * 2 * len(names) and set(reference.method) == {ZERO_SHOT, FINE_TUNED}
+    assert set(results.split) == {"val", "test"}
+    ref = reference[reference.split == "test"].set_index(["task", "method"])["accuracy"]
     for task in names:
         own = classification_metrics(evaluator.logits(experts[task], heads[task], tests[task]), tests[task].labels)["accuracy"]
         assert ref[task, FINE_TUNED] == pytest.approx(own)
@@ -72,9 +75,26 @@ def test_multitask_merges_every_task_once_and_normalizes_by_the_own_expert(tiny_
         merged = {k: 0.5 * (vectors["digits"][k] + vectors["textures"][k]) / 2 for k in vectors["digits"]}
         state = apply_task_vector(pretrained, merged, alpha=1.0)
         expected = classification_metrics(evaluator.logits(state, heads[task], tests[task]), tests[task].labels)["accuracy"]
-        row = results[(results.method == "count_for_test[scale=0.5]") & (results.coefficient == 1.0) & (results.task == task)].iloc[0]
+        row = results[(results.method == "count_for_test[scale=0.5]") & (results.coefficient == 1.0) & (results.task == task)
+                      & (results.split == "test")].iloc[0]
         assert row.accuracy == pytest.approx(expected)
         assert row.normalized_accuracy == pytest.approx(expected / own)
+
+
+def test_selection_on_validation_picks_the_best_mean_and_reports_test():
+    rows = []
+    for method, val_by_coefficient in (("a", {0.5: 0.6, 1.0: 0.8}), ("b", {0.5: 0.7, 1.0: 0.7})):
+        for coefficient, val in val_by_coefficient.items():
+            for task in ("x", "y"):
+                rows.append({"method": method, "coefficient": coefficient, "split": "val", "task": task, "accuracy": val})
+                rows.append({"method": method, "coefficient": coefficient, "split": "test", "task": task,
+                             "accuracy": coefficient / 10})
+    chosen = select_on_validation(pd.DataFrame(rows))
+    assert dict(zip(chosen.method, chosen.selected_coefficient)) == {"a": 1.0, "b": 0.5}  # ties: the smaller
+    assert set(chosen.split) == {"test"} and len(chosen) == 4
+    assert chosen[chosen.method == "a"].accuracy.tolist() == [0.1, 0.1]
+    with pytest.raises(ValueError, match="validation"):
+        select_on_validation(pd.DataFrame(rows).query("split == 'test'"))
 
 
 def test_proxy_pools_are_the_experts_own_data_or_the_others(monkeypatch):

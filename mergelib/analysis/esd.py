@@ -267,7 +267,7 @@ def truncation_curves(
     """Output-space truncation error and energy concentration of the ESD and the SVD at equal ranks.
 
     Args:
-        inputs: ``X`` ``[n >= 2, d_in]``, the inputs the ESD is fitted to (:func:`activation_pca`).
+        inputs: ``X`` ``[n >= 2, d_in]``, the inputs the ESD is fitted to (:func:`mergelib.essential.activation_pca`).
         delta_w: ``ΔW`` ``[d_out, d_in]``.
         ranks: numbers of kept output directions, each in ``[0, d_out]``. The SVD has only
             ``min(d_out, d_in)`` directions; a larger rank keeps them all (error 0, energy 1).

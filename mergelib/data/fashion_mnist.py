@@ -35,6 +35,7 @@ __all__ = [
     "load_fashion_mnist", "fashion_partition", "draw_from_region",
 ]
 
+#: The ten Fashion-MNIST class names, in label order.
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )
@@ -42,7 +43,7 @@ DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "MERGELIB_FASHION_MNIST"
 _FILES = {"train": "train", "test": "t10k"}  # split -> file prefix
 _SIZES = {"train": 60000, "test": 10000}
-# [start, end) positions in fashion_partition(split); see the module docstring
+#: The ``[start, end)`` positions in ``fashion_partition(split)`` reserved for each consumer.
 FASHION_REGIONS = {
     "train": {"benchmark": (0, 24000), "pool": (24000, 50000), "task": (50000, 60000)},
     "test": {"benchmark": (0, 7500), "task": (7500, 10000)},

@@ -3,7 +3,7 @@ ECCV 2024, arXiv 2312.06795).
 
 Each task vector is sparsified tensor by tensor (layer by layer, as in the paper) with a mask that
 removes both the large outliers and the negligible perturbations, keeping the band between them;
-the masked vectors are then summed (task arithmetic):
+the masked vectors are then summed (task arithmetic)::
 
     tau = sum_t m_t ⊙ tau_t,   m_t[j] = 1  iff  n - top - keep <= rank(|tau_t[j]|) < n - top,
 

@@ -1,7 +1,7 @@
 """MagMax: Leveraging Model Merging for Seamless Continual Learning (Marczak et al., ECCV 2024,
 arXiv 2407.06322).
 
-Element-wise maximum-magnitude selection over the task vectors: for every coordinate ``j``,
+Element-wise maximum-magnitude selection over the task vectors: for every coordinate ``j``::
 
     tau_j = tau_{t*, j},   t* = argmax_t |tau_{t, j}|,
 

@@ -6,7 +6,7 @@ name with its paper, arXiv id, equation, defaults (read from the keyword-only pa
 the places where it follows the released code rather than the paper's text; :func:`merge`
 validates the inputs and parameters and calls it. The result is the merged task vector before
 any global coefficient, which :func:`mergelib.task_vectors.apply_task_vector` (or
-:func:`mergelib.apply`) adds to the pretrained weights.
+:func:`mergelib.task_vectors.apply_task_vector` (exported as ``mergelib.apply``)) adds to the pretrained weights.
 
 Half-precision inputs are merged in float32 (each method widens one tensor name at a time, see
 :mod:`mergelib.methods.common`) and returned in their own dtype, on their own device.
@@ -41,6 +41,7 @@ class MergeMethod:
         return doc.split("\n\n")[0].replace("\n", " ")
 
 
+#: The registry of merging methods by name, filled by :func:`register`.
 METHODS: dict[str, MergeMethod] = {}
 
 
