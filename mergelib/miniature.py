@@ -50,6 +50,7 @@ SMOKE_PARAMETERS: dict[str, Any] = dict(
     domains=["photo", "negative", "sketch"], n_train=192, n_test=96, epochs=1, lr=3e-4, warmup_steps=1,
     batch_size=64, pretrain_epochs=1, pretrain_per_domain=300, pretrain_per_task=100,
     pretrain_domains=["photo", "negative"], coefficients=[0.5, 1.0], task_n_train=128, task_n_val=32, task_n_test=64,
+    task_epochs=1,
 )
 
 
@@ -88,6 +89,8 @@ class MiniatureConfig:
     esm_proxy_count: int = 32  # proxy images per expert for ESM's essential subspaces (its own domain)
     tasks: tuple[str, ...] = ("fashion", "digits", "animals", "textures")  # the multi-task suite
     task_n_train: int = 2000
+    task_epochs: int = 5  # the task experts need a stronger recipe: pretraining already saw these tasks
+    task_lr: float = 1e-3
     task_n_val: int = 100  # drawn from the task's test pool, disjoint from its test images
     task_n_test: int = 400
     device: str = "auto"
@@ -124,7 +127,7 @@ class MiniatureConfig:
         if len(self.domains) < 2:
             raise ParameterError("parameter 'domains' needs at least two domains for leave-one-domain-out")
         for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain",
-                     "task_n_train", "task_n_val", "task_n_test", "esm_proxy_count"):
+                     "task_n_train", "task_n_val", "task_n_test", "esm_proxy_count", "task_epochs"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
 
@@ -132,6 +135,11 @@ class MiniatureConfig:
     def finetune(self) -> FinetuneConfig:
         return replace(MINIATURE_FINETUNE, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                        warmup_steps=self.warmup_steps, seed=MINIATURE_FINETUNE.seed + self.seed)
+
+    @property
+    def task_finetune(self) -> FinetuneConfig:
+        """Recipe of the task experts, which is the domain experts' one with ``task_epochs`` and ``task_lr``."""
+        return replace(self.finetune, epochs=self.task_epochs, lr=self.task_lr)
 
     @property
     def pretrain(self) -> PretrainConfig:
@@ -251,14 +259,14 @@ def _cache_dir(config: MiniatureConfig) -> Path:
 
 
 def _fine_tune_all(
-    config: MiniatureConfig, backbone: Backbone, kind: str, names: Sequence[str], train: Mapping[str, ImageSet],
+    config: MiniatureConfig, backbone: Backbone, recipe: FinetuneConfig, names: Sequence[str], train: Mapping[str, ImageSet],
     heads: Mapping[str, ClassificationHead], templates: Mapping[str, tuple[str, ...]], dataset: Mapping[str, str],
     device: torch.device, progress: bool,
 ) -> tuple[dict[str, StateDict], dict[str, dict]]:
     experts, manifests = {}, {}
     for name in names:
         experts[name], manifests[name] = expert_state(
-            backbone, heads[name], train[name], config.finetune, _cache_dir(config), dataset=dataset[name],
+            backbone, heads[name], train[name], recipe, _cache_dir(config), dataset=dataset[name],
             domain=name, templates=templates[name], device=device, progress=progress)
     return experts, manifests
 
@@ -279,7 +287,7 @@ def prepare_domain_experts(config: MiniatureConfig = MiniatureConfig(), *, progr
     names = tuple(config.domains)
     with timer.stage("fine-tune experts"):
         experts, manifests = _fine_tune_all(
-            config, backbone, "domains", names, benchmark.train, {d: head for d in names}, {d: templates for d in names},
+            config, backbone, config.finetune, names, benchmark.train, {d: head for d in names}, {d: templates for d in names},
             {d: benchmark.name for d in names}, device, progress)
     pretrained = encoder_state(backbone.clip.model.visual)
     return Experts(config, backbone, "domains", names, dict(benchmark.train), dict(benchmark.test),
@@ -311,7 +319,7 @@ def prepare_task_experts(config: MiniatureConfig = MiniatureConfig(), *, progres
         heads = {t: zero_shot_head(backbone.clip, splits[t][0].classnames, templates[t]) for t in names}
     train = {t: splits[t][0] for t in names}
     with timer.stage("fine-tune experts"):
-        experts, manifests = _fine_tune_all(config, backbone, "tasks", names, train, heads, templates,
+        experts, manifests = _fine_tune_all(config, backbone, config.task_finetune, names, train, heads, templates,
                                             {t: f"suite-{t}" for t in names}, device, progress)
     pretrained = encoder_state(backbone.clip.model.visual)
     fingerprint = config_hash({t: [part.fingerprint() for part in splits[t]] for t in names})
