@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .data import ImageSet
+from .data.files import ImageFileSet
 from .evaluation import EncoderEvaluator, classification_metrics
 from .heads import ClassificationHead
 from .methods import MethodSpec, merge, parse_method_spec
@@ -51,8 +52,8 @@ def evaluate_leave_one_domain_out(
     pretrained: StateDict,
     experts: Mapping[str, StateDict],
     task_vectors: Mapping[str, StateDict],
-    head: ClassificationHead,
-    test_sets: Mapping[str, ImageSet],
+    head: ClassificationHead | Mapping[str, ClassificationHead],
+    test_sets: Mapping[str, ImageSet | ImageFileSet],
     methods: Sequence[str | MethodSpec],
     coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     *,
@@ -63,6 +64,8 @@ def evaluate_leave_one_domain_out(
     """Run the protocol; return the tidy results and the expert-by-domain accuracy matrix.
 
     Args:
+        head: one zero-shot head for every domain, or one per domain (the released code builds
+            each domain's head from that domain's class folders).
         methods: method specs, ``"tsv_m"`` or ``"score[keep=diagonal]"`` (see
             :func:`mergelib.methods.registry.parse_method_spec`); results are labelled with the spec.
         coefficients: the global coefficients to evaluate every method at, or a mapping from
@@ -74,6 +77,10 @@ def evaluate_leave_one_domain_out(
     ``balanced_accuracy``; baselines have ``coefficient`` NaN.
     """
     domains = list(test_sets)
+    heads = head if isinstance(head, Mapping) else {domain: head for domain in domains}
+    missing_heads = [d for d in domains if d not in heads]
+    if missing_heads:
+        raise ValueError(f"no zero-shot head for the domains {missing_heads}")
     specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
     per_method = {spec.label: tuple(coefficients[spec.label] if isinstance(coefficients, Mapping) else coefficients)
                   for spec in specs}
@@ -91,7 +98,7 @@ def evaluate_leave_one_domain_out(
     matrix = []
     pairs = [(e, d) for e in experts for d in domains]
     for expert, domain in tqdm(pairs, desc="evaluate experts", disable=not progress, leave=False):
-        logits = evaluator.logits(experts[expert], head, test_sets[domain])
+        logits = evaluator.logits(experts[expert], heads[domain], test_sets[domain])
         expert_logits[expert, domain] = logits
         matrix.append({"expert": expert, "domain": domain, **classification_metrics(logits, test_sets[domain].labels)})
     matrix = pd.DataFrame(matrix)
@@ -101,7 +108,7 @@ def evaluate_leave_one_domain_out(
     for held_out, sources in leave_one_out(domains):
         labels = test_sets[held_out].labels
         n = len(labels)
-        zs = classification_metrics(evaluator.logits(pretrained, head, test_sets[held_out]), labels)
+        zs = classification_metrics(evaluator.logits(pretrained, heads[held_out], test_sets[held_out]), labels)
         record(held_out=held_out, method=ZERO_SHOT, coefficient=float("nan"), n_test=n, **zs)
         if held_out in experts:
             own = classification_metrics(expert_logits[held_out, held_out], labels)
@@ -118,7 +125,7 @@ def evaluate_leave_one_domain_out(
             merged = merge(spec.name, source_vectors, **spec.params, **extra)
             for coefficient in per_method[spec.label]:
                 state = apply_task_vector(pretrained, merged, alpha=coefficient)
-                metrics = classification_metrics(evaluator.logits(state, head, test_sets[held_out]), labels)
+                metrics = classification_metrics(evaluator.logits(state, heads[held_out], test_sets[held_out]), labels)
                 record(held_out=held_out, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
                 bar.update()
     bar.close()

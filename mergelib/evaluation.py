@@ -2,6 +2,10 @@
 
 Balanced accuracy is scikit-learn's (mean recall over the classes present in the labels), as
 SCORE reports for FedISIC and RetinaDomains.
+
+Images come either in memory (:class:`~mergelib.data.ImageSet`, the miniature's) or as files
+(:class:`~mergelib.data.files.ImageFileSet`, the real datasets'), read through a ``DataLoader``
+with the backbone's validation transform (open_clip's), as in the papers' code.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from .backbones import Clip, batch_to_model_input
 from .data import ImageSet
+from .data.files import ImageFileSet
 from .heads import ClassificationHead
 from .task_vectors import load_encoder_state
 
@@ -21,21 +26,50 @@ from .task_vectors import load_encoder_state
 class EncoderEvaluator:
     """Evaluates image-encoder states of one backbone, reusing a single working module."""
 
-    def __init__(self, clip: Clip, *, device: str | torch.device = "cpu", batch_size: int = 500):
+    def __init__(self, clip: Clip, *, device: str | torch.device = "cpu", batch_size: int = 500,
+                 num_workers: int = 0, precision: str = "fp32"):
         self.clip = clip
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.autocast = autocast_context(precision, self.device)
         self.encoder = copy.deepcopy(clip.model.visual).to(self.device).eval()
 
+    def batches(self, images: ImageSet | ImageFileSet):
+        """Model inputs of ``images`` in order, ``batch_size`` at a time, on the device."""
+        if isinstance(images, ImageFileSet):
+            loader = torch.utils.data.DataLoader(images.with_transform(self.clip.preprocess_val), batch_size=self.batch_size,
+                                                 shuffle=False, num_workers=self.num_workers)
+            for inputs, _ in loader:
+                yield inputs.to(self.device)
+            return
+        for start in range(0, len(images), self.batch_size):
+            yield batch_to_model_input(images.images[start : start + self.batch_size], self.clip).to(self.device)
+
     @torch.no_grad()
-    def logits(self, state: Mapping[str, torch.Tensor], head: ClassificationHead, images: ImageSet) -> torch.Tensor:
+    def logits(self, state: Mapping[str, torch.Tensor], head: ClassificationHead, images: ImageSet | ImageFileSet) -> torch.Tensor:
         load_encoder_state(self.encoder, state)
         head = head.to(self.device)
         chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = batch_to_model_input(images.images[start : start + self.batch_size], self.clip).to(self.device)
-            chunks.append(head(self.encoder(batch)).float().cpu())
+        for batch in self.batches(images):
+            with self.autocast():
+                chunks.append(head(self.encoder(batch)).float().cpu())
         return torch.cat(chunks)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A factory of autocast contexts for ``precision`` (``fp32``: no autocast)."""
+    import contextlib
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -5,6 +5,15 @@ parameter, a linear warm-up of ``warmup_steps`` steps, then cosine decay to zero
 remaining steps, gradient clipping at global norm 1.0, the head frozen. The papers use lr 1e-5,
 batch 128 and 500 warm-up steps on ViT-B/L; :data:`MINIATURE_FINETUNE` scales these to the tiny
 model (a from-scratch, 0.8 M-parameter tower moves little at lr 1e-5 in ~50 steps).
+
+Real datasets (:class:`~mergelib.data.files.ImageFileSet`) are read by a ``DataLoader`` with the
+backbone's open_clip train transform, shuffled by a seeded generator, the last partial batch
+kept, as released. ``precision="bf16"`` or ``"fp16"`` trains under autocast (SCORE's domain
+script trains in fp32; the 8-task script uses fp16 with a gradient scaler, and clips the
+*scaled* gradients without unscaling them first, which makes its clipping threshold depend on
+the scale: here gradients are unscaled before clipping). ``accumulation_steps`` > 1 sums the
+gradients of that many batches per optimizer step, as the released code does for ViT-L/14
+(batch 64 x 2); the schedule counts optimizer steps.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from tqdm import tqdm
 
 from .backbones import Clip, batch_to_model_input
 from .data import ImageSet
+from .data.files import ImageFileSet
+from .evaluation import autocast_context
 from .heads import ClassificationHead, ImageClassifier
 from .task_vectors import StateDict, encoder_state
 
@@ -32,6 +43,8 @@ class FinetuneConfig:
     warmup_steps: int = 500
     grad_clip: float = 1.0
     seed: int = 5
+    precision: str = "fp32"
+    accumulation_steps: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,41 +71,66 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 def finetune_image_encoder(
     clip: Clip,
     head: ClassificationHead,
-    train: ImageSet,
+    train: ImageSet | ImageFileSet,
     config: FinetuneConfig,
     *,
     device: str | torch.device = "cpu",
     description: str = "fine-tune",
     progress: bool = True,
+    num_workers: int = 0,
 ) -> tuple[StateDict, list[float]]:
     """Fine-tune a copy of ``clip``'s image tower on ``train``; return its state and the step losses."""
     if len(head.classnames) and tuple(head.classnames) != tuple(train.classnames):
         raise ValueError(f"head classes {head.classnames} do not match the dataset's {train.classnames}")
+    if config.accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {config.accumulation_steps}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    device = torch.device(device)
     encoder = copy.deepcopy(clip.model.visual).to(device).train()
     classifier = ImageClassifier(encoder, head.to(device))
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    autocast = autocast_context(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    batches_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = math.ceil(batches_per_epoch / config.accumulation_steps) * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, config.warmup_steps)
     )
-    labels = train.labels
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False, mininterval=1.0)
+    accumulate = config.accumulation_steps
     for _ in range(config.epochs):
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(train), config.batch_size):
-            index = order[start : start + config.batch_size]
-            inputs = batch_to_model_input(train.images[index], clip, train=True, generator=generator).to(device)
-            loss = F.cross_entropy(classifier(inputs), labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.update()
+        batches = _training_batches(train, clip, config.batch_size, generator, num_workers)
+        for index, (inputs, labels) in enumerate(batches):
+            if index % accumulate == 0:
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+            with autocast():
+                loss = F.cross_entropy(classifier(inputs.to(device)), labels.to(device)) / accumulate
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+            if (index + 1) % accumulate == 0 or index + 1 == batches_per_epoch:
+                scaler.unscale_(optimizer)  # clip the true gradients (see the module docstring)
+                torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                losses.append(step_loss)
+                bar.update()
     bar.close()
     return encoder_state(encoder), losses
+
+
+def _training_batches(train: ImageSet | ImageFileSet, clip: Clip, batch_size: int, generator: torch.Generator,
+                      num_workers: int):
+    """One epoch of augmented ``(inputs, labels)`` batches in a random order drawn from ``generator``."""
+    if isinstance(train, ImageFileSet):
+        sampler = torch.utils.data.RandomSampler(range(len(train)), generator=generator)
+        yield from torch.utils.data.DataLoader(train.with_transform(clip.preprocess_train), batch_size=batch_size,
+                                               sampler=sampler, num_workers=num_workers)
+        return
+    order = torch.randperm(len(train), generator=generator)
+    for start in range(0, len(train), batch_size):
+        index = order[start : start + batch_size]
+        yield batch_to_model_input(train.images[index], clip, train=True, generator=generator), train.labels[index]

@@ -33,6 +33,7 @@ from .heads import ClassificationHead, zero_shot_head
 from .essential import subspaces_of_experts
 from .methods import parse_method_spec
 from .methods.common import check_choice
+from .methods.esm import needs_essential_subspaces
 from .multitask import evaluate_multitask
 from .pretrain import PretrainConfig, pretrained_tiny_clip
 from .provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
@@ -212,12 +213,6 @@ def expert_state(
                        "losses": [round(x, 5) for x in losses]}
 
     return cached_state(path, key, build)
-
-
-def needs_essential_subspaces(method: str) -> bool:
-    """Whether a method spec is ESM with its activation decomposition (the default)."""
-    spec = parse_method_spec(method)
-    return spec.name == "esm" and spec.params.get("decomposition", "esd") == "esd"
 
 
 @dataclass

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .data import ImageSet
+from .data.files import ImageFileSet
 from .dg import FoldParameters
 from .evaluation import EncoderEvaluator, classification_metrics
 from .heads import ClassificationHead
@@ -36,12 +37,12 @@ def evaluate_multitask(
     experts: Mapping[str, StateDict],
     task_vectors: Mapping[str, StateDict],
     heads: Mapping[str, ClassificationHead],
-    test_sets: Mapping[str, ImageSet],
+    test_sets: Mapping[str, ImageSet | ImageFileSet],
     methods: Sequence[str | MethodSpec],
     coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     *,
     fold_parameters: Mapping[str, FoldParameters] | None = None,
-    val_sets: Mapping[str, ImageSet] | None = None,
+    val_sets: Mapping[str, ImageSet | ImageFileSet] | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

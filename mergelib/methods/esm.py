@@ -84,7 +84,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .common import TaskVector, check_choice, check_flag, check_number, is_all_zero, is_matrix, rank_per_task, resolve_device, stacked, truncated_svd
-from .registry import register
+from .registry import MethodSpec, parse_method_spec, register
 from .tsv import tsv_merge_matrix
 
 ESD_LAYER_SETS: dict[str, tuple[str, ...]] = {
@@ -420,3 +420,10 @@ def esm(
         for key in targets if alpha_scope == "esd_keys" else keys:
             merged[key] = merged[key] * float(alpha)
     return {key: merged[key].to(dtype=vectors[0][key].dtype) for key in keys}
+
+
+def needs_essential_subspaces(method: str | MethodSpec) -> bool:
+    """Whether a method spec is ESM with its activation decomposition (the default), which needs
+    each expert's essential subspaces, hence a model and proxy data, beside the task vectors."""
+    spec = method if isinstance(method, MethodSpec) else parse_method_spec(method)
+    return spec.name == "esm" and spec.params.get("decomposition", "esd") == "esd"
