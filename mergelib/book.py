@@ -51,6 +51,9 @@ NOTEBOOKS: tuple[BookNotebook, ...] = (
     BookNotebook("esm_derived", smoke=_derivation_smoke(proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0],
                                                         rank_fractions=[0.05, 1.0])),
     BookNotebook("domain_generalization", smoke=_miniature_smoke()),
+    BookNotebook("benchmark_dg", smoke={"datasets": ["PACS"], "methods": ["task_arithmetic", "score", "esm"],
+                                        "standin_images_per_class": 2, "standin_epochs": 1, "weights": "random"}),
+    BookNotebook("results"),
     BookNotebook("methods"),
     BookNotebook("performance", smoke={"layer_shape": [48, 24]}),
 )

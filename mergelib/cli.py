@@ -47,6 +47,20 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate_dg(args: argparse.Namespace) -> int:
+    from .replication import PAPER_DG_METHODS, run_domain_generalization
+
+    for dataset in args.datasets:
+        results, _ = run_domain_generalization(
+            args.backbone, dataset, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir,
+            results_dir=args.results_dir, methods=args.methods or PAPER_DG_METHODS, weights=args.weights,
+            device=args.device, precision=args.precision, epochs=args.epochs, batch_size=args.batch_size,
+            accumulation_steps=args.accumulation_steps, num_workers=args.workers)
+        means = results.groupby("method")["score"].mean().mul(100).sort_values(ascending=False)
+        print(f"[mergelib] {args.backbone} {dataset}: mean over held-out domains (%)\n{means.round(2).to_string()}", flush=True)
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -76,6 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--prefix", default="", help="merge only tensors whose name starts with this (e.g. visual.)")
     merge.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     merge.set_defaults(run=_merge)
+    dg = commands.add_parser("replicate-dg", help="SCORE's leave-one-domain-out benchmark on real backbones and datasets")
+    dg.add_argument("--backbone", required=True, help="ViT-B-32, ViT-B-16, ViT-L-14 (or tiny-clip with --weights)")
+    dg.add_argument("--datasets", nargs="+", required=True, help="names of mergelib.data.dg_datasets.DG_DATASETS")
+    dg.add_argument("--data-root", required=True, type=Path, help="folder holding the datasets in their documented layouts")
+    dg.add_argument("--checkpoint-dir", required=True, type=Path, help="where the experts are cached (safetensors)")
+    dg.add_argument("--results-dir", type=Path, default=Path("results/replication"))
+    dg.add_argument("--methods", nargs="*", default=None, help="method specs (default: SCORE's comparison)")
+    dg.add_argument("--weights", default="published", help="'published' (open_clip's OpenAI weights) or a local file")
+    dg.add_argument("--device", default="auto")
+    dg.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    dg.add_argument("--epochs", type=int, default=None, help="override the dataset's released epochs")
+    dg.add_argument("--batch-size", type=int, default=128)
+    dg.add_argument("--accumulation-steps", type=int, default=1, help="e.g. 2 with --batch-size 64 for ViT-L-14")
+    dg.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    dg.set_defaults(run=_replicate_dg)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
