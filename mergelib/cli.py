@@ -61,6 +61,33 @@ def _replicate_dg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replicate_multitask(args: argparse.Namespace) -> int:
+    from .replication import PAPER_MT_METHODS, run_multitask
+
+    tasks = int(args.tasks[0]) if len(args.tasks) == 1 and args.tasks[0].isdigit() else args.tasks
+    results = run_multitask(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
+                            results_dir=args.results_dir, methods=args.methods or PAPER_MT_METHODS, weights=args.weights,
+                            device=args.device, precision=args.precision, num_workers=args.workers,
+                            emnist_rotate_flip=args.emnist_rotate_flip)
+    test = results[results["split"] == "test"].groupby("method")[["accuracy", "normalized_accuracy"]].mean().mul(100)
+    print(f"[mergelib] {args.backbone}, {results['tasks'].iloc[0]} tasks (test, %):\n{test.round(2).to_string()}", flush=True)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .importers import import_checkpoint, import_directory
+
+    if args.source.is_dir():
+        done = import_directory(args.source, args.destination, backbone=args.backbone, trust_pickle=args.trust_pickle)
+        for item in done:
+            print(f"[mergelib] {'imported' if item.imported else 'up to date'}: {item.name} -> {item.destination}", flush=True)
+    else:
+        manifest = import_checkpoint(args.source, args.destination, backbone=args.backbone, format=args.format,
+                                     trust_pickle=args.trust_pickle, fill_from=args.fill_from)
+        print(f"[mergelib] imported {args.source} -> {args.destination} (sha256 {manifest['sha256'][:12]}…)", flush=True)
+    return 0
+
+
 def _methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
@@ -105,6 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     dg.add_argument("--accumulation-steps", type=int, default=1, help="e.g. 2 with --batch-size 64 for ViT-L-14")
     dg.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     dg.set_defaults(run=_replicate_dg)
+    mt = commands.add_parser("replicate-multitask", help="the 8/14/20-task protocol of TSV, Iso and ESM on imported experts")
+    mt.add_argument("--backbone", required=True)
+    mt.add_argument("--tasks", nargs="+", required=True, help="8, 14 or 20, or task names")
+    mt.add_argument("--data-root", required=True, type=Path, help="folder holding the torchvision datasets")
+    mt.add_argument("--experts-dir", required=True, type=Path, help="where `mergelib import` wrote {backbone}/{task}.safetensors")
+    mt.add_argument("--results-dir", type=Path, default=Path("results/replication"))
+    mt.add_argument("--methods", nargs="*", default=None)
+    mt.add_argument("--weights", default="published", help="the backbone's weights (its text tower builds the heads)")
+    mt.add_argument("--device", default="auto")
+    mt.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    mt.add_argument("--workers", type=int, default=4)
+    mt.add_argument("--emnist-rotate-flip", action="store_true", help="TSV/ESM's EMNIST orientation (off in tall_masks/Iso)")
+    mt.set_defaults(run=_replicate_multitask)
+    imp = commands.add_parser("import", help="import fine-tuned checkpoints (open_clip pickles/state dicts, Hugging Face "
+                                             "CLIPVisionModel) into safetensors, once")
+    imp.add_argument("source", type=Path, help="a checkpoint file, or a tall_masks-style folder {model}/{Task}Val/*.pt")
+    imp.add_argument("destination", type=Path, help="the .safetensors file, or the folder for a directory import")
+    imp.add_argument("--backbone", required=True)
+    imp.add_argument("--format", default="auto", choices=["auto", "open_clip", "hf"])
+    imp.add_argument("--trust-pickle", action="store_true",
+                     help="allow unpickling whole pickled modules (only for files you trust: pickle runs code)")
+    imp.add_argument("--fill-from", type=Path, default=None, help="pretrained state for keys the file lacks (HF visual.proj)")
+    imp.set_defaults(run=_import)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

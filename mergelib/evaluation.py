@@ -35,8 +35,18 @@ class EncoderEvaluator:
         self.autocast = autocast_context(precision, self.device)
         self.encoder = copy.deepcopy(clip.model.visual).to(self.device).eval()
 
-    def batches(self, images: ImageSet | ImageFileSet):
-        """Model inputs of ``images`` in order, ``batch_size`` at a time, on the device."""
+    def batches(self, images):
+        """Model inputs of ``images`` in order, ``batch_size`` at a time, on the device.
+
+        ``images``: an :class:`ImageSet`, an :class:`ImageFileSet`, or any torch ``Dataset`` of
+        ``(input tensor, label)`` pairs already transformed (e.g. a torchvision dataset built with
+        the backbone's validation transform)."""
+        if isinstance(images, torch.utils.data.Dataset):
+            loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, shuffle=False,
+                                                 num_workers=self.num_workers)
+            for inputs, _ in loader:
+                yield inputs.to(self.device)
+            return
         if isinstance(images, ImageFileSet):
             loader = torch.utils.data.DataLoader(images.with_transform(self.clip.preprocess_val), batch_size=self.batch_size,
                                                  shuffle=False, num_workers=self.num_workers)

@@ -255,3 +255,137 @@ def miniature_weights(cache_dir: str | Path | None = None, *, progress: bool = T
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     _, manifest = pretrained_tiny_clip(MiniatureConfig().pretrain, cache, progress=progress)
     return cache / "pretrained" / manifest["file"]
+
+
+# ----------------------------------------------------------------------------- multi-task (TSV, Iso, ESM)
+#: The released coefficient rule of each method (:mod:`mergelib.coefficients`); others use the
+#: Task Arithmetic grid of the TSV code.
+ALPHA_RULES = {"tsv_m": "tsv", "iso_c": "iso", "iso_cts": "iso", "esm": "esm"}
+PAPER_MT_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "esm")
+
+
+def _ratio(accuracy: float, reference: float) -> float:
+    return accuracy / reference if reference else float("nan")
+
+
+def dataset_labels(dataset: torch.utils.data.Dataset) -> torch.Tensor:
+    """The labels of a torchvision-style dataset without reading its images where possible."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    for attribute in ("targets", "labels", "_labels"):
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values, dtype=torch.long)
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "_samples", None)
+    if samples is not None and len(samples) == len(dataset):
+        return torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def run_multitask(
+    backbone: str,
+    tasks: int | Sequence[str],
+    *,
+    data_root: str | Path,
+    experts_dir: str | Path,
+    results_dir: str | Path,
+    methods: Sequence[str | MethodSpec] = PAPER_MT_METHODS,
+    weights: str | Path | None = "published",
+    device: str = "auto",
+    precision: str = "fp32",
+    eval_batch_size: int = 128,
+    num_workers: int = 4,
+    esm_proxy_count: int = 32,
+    emnist_rotate_flip: bool = False,
+    normalize_with: str = "published",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The 8/14/20-task protocol on imported experts (``experts_dir/{backbone}/{task}.safetensors``
+    and ``zeroshot.safetensors``, written by :func:`mergelib.importers.import_directory`).
+
+    Per method: merge all experts, choose alpha on the TALL validation splits with the method's
+    released rule (:data:`ALPHA_RULES`), evaluate every test split at that alpha. Normalized
+    accuracy divides by the published fine-tuned accuracies (``normalize_with="published"``, as
+    the papers do; valid only for the public checkpoints of the real backbones) or by the
+    imported experts' own accuracies (``"experts"``). Writes
+    ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated.
+    """
+    from .coefficients import search_alpha
+    from .data.task_suites import load_task, published_finetuned_accuracy, suite_tasks
+    from .evaluation import classification_metrics
+    from .importers import load_imported
+    from .methods import merge
+    from .task_vectors import apply_task_vector
+
+    started = git_state()
+    names = list(suite_tasks(tasks)) if isinstance(tasks, int) else list(tasks)
+    suite = f"{len(names)}-tasks"
+    if normalize_with not in ("published", "experts"):
+        raise ValueError(f"normalize_with must be 'published' or 'experts', got {normalize_with!r}")
+    torch_device = resolve_device(device)
+    clip = create_clip(backbone, weights=weights, device=torch_device)
+    folder = Path(experts_dir) / backbone
+    zeroshot = folder / "zeroshot.safetensors"
+    pretrained = load_imported(zeroshot, backbone)[0] if zeroshot.exists() else encoder_state(clip.model.visual)
+    experts = {t: load_imported(folder / f"{t}.safetensors", backbone)[0] for t in names}
+    vectors = {t: task_vector(experts[t], pretrained) for t in names}
+
+    from .data.task_suites import TASKS
+
+    data = {}
+    for split in ("val", "test"):
+        for t in names:
+            loaded = load_task(t, data_root, split, transform=clip.preprocess_val, emnist_rotate_flip=emnist_rotate_flip)
+            data[split, t] = (loaded.dataset, dataset_labels(loaded.dataset), loaded.classnames)
+    heads = {t: zero_shot_head(clip, data["test", t][2], TASKS[t].templates) for t in names}
+    evaluator = EncoderEvaluator(clip, device=torch_device, batch_size=eval_batch_size, num_workers=num_workers,
+                                 precision=precision)
+
+    def accuracies(state: StateDict, split: str) -> dict[str, float]:
+        return {t: classification_metrics(evaluator.logits(state, heads[t], data[split, t][0]), data[split, t][1])["accuracy"]
+                for t in names}
+
+    if normalize_with == "published":
+        reference = {split: {t: published_finetuned_accuracy(backbone, t, split) for t in names} for split in ("val", "test")}
+    else:
+        reference = {split: {t: accuracies(experts[t], split)[t] for t in names} for split in ("val", "test")}
+
+    rows = [{"method": "zero-shot", "alpha": float("nan"), "split": split, "task": t, "accuracy": a,
+             "normalized_accuracy": _ratio(a, reference[split][t]), "selected": True}
+            for split in ("val", "test") for t, a in accuracies(pretrained, split).items()]
+    specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
+    searches = {}
+    for spec in specs:
+        extra = {}
+        if needs_essential_subspaces(spec):
+            from .essential import essential_subspaces
+
+            proxies = {t: torch.stack([data["val", t][0][i][0] for i in range(min(esm_proxy_count, len(data["val", t][0])))])
+                       for t in names}
+            extra["subspaces"] = [essential_subspaces(clip.model.visual, pretrained, vectors[t], proxies[t], device=torch_device)
+                                  for t in names]
+        merged = merge(spec.name, [vectors[t] for t in names], **spec.params, **extra)
+        evaluated: dict[float, dict[str, float]] = {}
+
+        def evaluate(alpha: float) -> dict[str, float]:
+            val = accuracies(apply_task_vector(pretrained, merged, alpha=alpha), "val")
+            evaluated[alpha] = val
+            return {"absolute": sum(val.values()) / len(val),
+                    "normalized": sum(_ratio(val[t], reference["val"][t]) for t in names) / len(names)}
+
+        search = search_alpha(ALPHA_RULES.get(spec.name, "task_arithmetic"), evaluate)
+        searches[spec.label] = search.to_dict()
+        for alpha, val in evaluated.items():
+            rows += [{"method": spec.label, "alpha": alpha, "split": "val", "task": t, "accuracy": a,
+                      "normalized_accuracy": _ratio(a, reference["val"][t]), "selected": alpha == search.alpha} for t, a in val.items()]
+        test = accuracies(apply_task_vector(pretrained, merged, alpha=search.alpha), "test")
+        rows += [{"method": spec.label, "alpha": search.alpha, "split": "test", "task": t, "accuracy": a,
+                  "normalized_accuracy": _ratio(a, reference["test"][t]), "selected": True} for t, a in test.items()]
+    results = pd.DataFrame(rows).assign(backbone=backbone, tasks=len(names))
+    parameters = {"backbone": backbone, "tasks": names, "methods": [s.label for s in specs], "precision": precision,
+                  "normalize_with": normalize_with, "emnist_rotate_flip": emnist_rotate_flip,
+                  "esm_proxy_count": esm_proxy_count, "experts_dir": str(experts_dir), "data_root": str(data_root)}
+    record = provenance(parameters, git=started, seeds={"tall_validation_split": 0}, searches=searches,
+                        device=str(torch_device))
+    write_results(results, Path(results_dir) / backbone / "multitask" / suite, record)
+    return results

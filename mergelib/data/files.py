@@ -1,7 +1,7 @@
 """Labelled image files on disk: the form the papers' real datasets take.
 
-An :class:`ImageFileSet` is what the registries of :mod:`mergelib.data.dg_datasets` and
-:mod:`mergelib.data.task_suites` return: paths, integer labels and class names, with no pixels
+An :class:`ImageFileSet` is what the registry of :mod:`mergelib.data.dg_datasets` returns
+(:mod:`mergelib.data.task_suites` returns torchvision datasets, which evaluation also accepts): paths, integer labels and class names, with no pixels
 read yet. It becomes a torch ``Dataset`` through :meth:`ImageFileSet.with_transform`, which reads
 each image with PIL, converts it to RGB and applies a transform (open_clip's train or validation
 preprocessing). The miniature's :class:`~mergelib.data.ImageSet` holds pixels in memory instead;
