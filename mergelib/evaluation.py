@@ -3,8 +3,8 @@
 Balanced accuracy is scikit-learn's (mean recall over the classes present in the labels), as
 SCORE reports for FedISIC and RetinaDomains.
 
-Images come either in memory (:class:`~mergelib.data.ImageSet`, the miniature's) or as files
-(:class:`~mergelib.data.files.ImageFileSet`, the real datasets'), read through a ``DataLoader``
+Images come either in memory (``ImageSet``, the miniature's) or as files
+(``ImageFileSet``, the real datasets'), read through a ``DataLoader``
 with the backbone's validation transform (open_clip's), as in the papers' code.
 """
 
@@ -38,7 +38,7 @@ class EncoderEvaluator:
     def batches(self, images):
         """Model inputs of ``images`` in order, ``batch_size`` at a time, on the device.
 
-        ``images``: an :class:`ImageSet`, an :class:`ImageFileSet`, or any torch ``Dataset`` of
+        ``images``: an ``ImageSet``, an ``ImageFileSet``, or any torch ``Dataset`` of
         ``(input tensor, label)`` pairs already transformed (e.g. a torchvision dataset built with
         the backbone's validation transform)."""
         if isinstance(images, torch.utils.data.Dataset):

@@ -6,7 +6,7 @@ remaining steps, gradient clipping at global norm 1.0, the head frozen. The pape
 batch 128 and 500 warm-up steps on ViT-B/L; :data:`MINIATURE_FINETUNE` scales these to the tiny
 model (a from-scratch, 0.8 M-parameter tower moves little at lr 1e-5 in ~50 steps).
 
-Real datasets (:class:`~mergelib.data.files.ImageFileSet`) are read by a ``DataLoader`` with the
+Real datasets (``ImageFileSet``) are read by a ``DataLoader`` with the
 backbone's open_clip train transform, shuffled by a seeded generator, the last partial batch
 kept, as released. ``precision="bf16"`` or ``"fp16"`` trains under autocast (SCORE's domain
 script trains in fp32; the 8-task script uses fp16 with a gradient scaler, and clips the
