@@ -393,7 +393,13 @@ def execute_job(job: Job, results_dir: str | Path, modules: Sequence[str] = ()) 
     """
     results_dir = Path(results_dir)
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ParameterValueError(
+                f"job {job.id}: cannot import module {module!r}, which defines job kind {job.kind!r} ({error}); "
+                "job kinds must live in a module importable where the job runs (installed, or on PYTHONPATH)"
+            ) from error
     path = job.record_path(results_dir)
     state, _ = check_record(job, results_dir)
     if state == "done":
@@ -596,6 +602,7 @@ def run_sweep(
         max_parallel: jobs running at once. Slurm: ``slurm_array_parallelism`` of each wave's
             job array (default: no cap). Local and debug: a wave is submitted in chunks of this
             size, each waited for (default 1; submitit's local executor runs a whole array at once).
+            Note: submitit's debug executor opens pdb on a failing job (meant for debugging).
 
     Jobs with a valid record are skipped; a corrupt record (unparseable, or made for other
     params) is reported, deleted and its job rerun. Waves run in dependency order; dependants
@@ -611,11 +618,7 @@ def run_sweep(
     modules = _worker_modules(all_jobs, executor)
     report = SweepReport(results_dir, executor)
     began = time.perf_counter()
-    auto = None if executor == "inline" else _make_executor(executor, results_dir, executor_options or {}, max_parallel)
-    # Slurm throttles a job array itself (slurm_array_parallelism): one array per wave. The
-    # local and debug executors start every element of an array at once: submit in chunks.
-    cluster = getattr(auto, "cluster", "inline")
-    chunk = max(1, len(all_jobs)) if cluster == "slurm" else (max_parallel or 1)
+    auto = None  # made when a job is to run: a sweep with everything done imports no submitit
 
     unsuccessful: set[str] = set()  # failed or blocked
     for number, wave in enumerate(waves, start=1):
@@ -638,9 +641,14 @@ def run_sweep(
         if not to_run:
             continue
         _log(f"wave {number}/{len(waves)}: running {len(to_run)} job(s) with executor {executor!r}")
-        if auto is None:
+        if executor == "inline":
             outcome = _run_inline(to_run, results_dir, modules)
         else:
+            if auto is None:
+                auto = _make_executor(executor, results_dir, executor_options or {}, max_parallel)
+            # Slurm throttles a job array itself (slurm_array_parallelism): one array per wave.
+            # The local and debug executors start every element of an array at once: chunks.
+            chunk = len(to_run) if auto.cluster == "slurm" else (max_parallel or 1)
             outcome = _run_submitit(auto, to_run, results_dir, modules, chunk, report)
         for job in to_run:
             failure = outcome[job.id]
@@ -700,6 +708,24 @@ def sweep_status(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame"
     frame = pd.DataFrame(rows)
     first = ["job_id", "kind", "state"]
     return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def sweep_results(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame":
+    """The outputs of the done jobs, one row each: ``job_id``, ``kind``, the parameters, then the
+    outputs (an output named like a parameter gets the prefix ``output.``) and ``seconds``.
+    Jobs without a valid record are left out (see :func:`sweep_status` for them)."""
+    import pandas as pd
+
+    rows = []
+    for job in plan_sweep(jobs):
+        if check_record(job, results_dir)[0] != "done":
+            continue
+        record = load_record(job, results_dir)
+        outputs = {(f"output.{k}" if k in job.params or k in ("job_id", "kind", "seconds") else k): v
+                   for k, v in record["outputs"].items()}
+        rows.append({"job_id": job.id, "kind": job.kind, **job.params, **outputs,
+                     "seconds": record.get("timings", {}).get("seconds", math.nan)})
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["job_id", "kind", "seconds"])
 
 
 # --------------------------------------------------------------------------- built-in kinds
