@@ -41,15 +41,11 @@ class EncoderEvaluator:
         ``images``: an ``ImageSet``, an ``ImageFileSet``, or any torch ``Dataset`` of
         ``(input tensor, label)`` pairs already transformed (e.g. a torchvision dataset built with
         the backbone's validation transform)."""
+        if isinstance(images, ImageFileSet):
+            images = images.with_transform(self.clip.preprocess_val)
         if isinstance(images, torch.utils.data.Dataset):
             loader = torch.utils.data.DataLoader(images, batch_size=self.batch_size, shuffle=False,
                                                  num_workers=self.num_workers)
-            for inputs, _ in loader:
-                yield inputs.to(self.device)
-            return
-        if isinstance(images, ImageFileSet):
-            loader = torch.utils.data.DataLoader(images.with_transform(self.clip.preprocess_val), batch_size=self.batch_size,
-                                                 shuffle=False, num_workers=self.num_workers)
             for inputs, _ in loader:
                 yield inputs.to(self.device)
             return

@@ -32,7 +32,7 @@ from .finetune import MINIATURE_FINETUNE, FinetuneConfig, finetune_image_encoder
 from .heads import ClassificationHead, zero_shot_head
 from .essential import subspaces_of_experts
 from .methods import parse_method_spec
-from .methods.common import check_choice
+from .methods.common import check_choice, resolve_device
 from .methods.esm import needs_essential_subspaces
 from .multitask import evaluate_multitask
 from .pretrain import PretrainConfig, pretrained_tiny_clip
@@ -58,12 +58,6 @@ SMOKE_PARAMETERS: dict[str, Any] = dict(
 def default_cache_dir() -> Path:
     """``$MERGELIB_CACHE``, else ``~/.cache/mergelib``."""
     return Path(os.environ.get("MERGELIB_CACHE") or Path.home() / ".cache" / "mergelib")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)

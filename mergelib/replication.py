@@ -44,18 +44,13 @@ from .evaluation import EncoderEvaluator
 from .finetune import PAPER_FINETUNE, FinetuneConfig, finetune_image_encoder
 from .heads import ClassificationHead, zero_shot_head
 from .methods import MethodSpec, parse_method_spec
+from .methods.common import resolve_device
 from .methods.esm import needs_essential_subspaces
 from .provenance import git_state, provenance, write_json
 from .task_vectors import StateDict, encoder_state, task_vector
 
 #: The methods of SCORE's comparison (its README's list plus SCORE and weight averaging).
 PAPER_DG_METHODS = ("weight_average", "task_arithmetic", "ties", "magmax", "pcb", "iso_c", "iso_cts", "tsv_m", "score")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def method_file_name(label: str) -> str:
@@ -311,7 +306,7 @@ def run_multitask(
     ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated.
     """
     from .coefficients import search_alpha
-    from .data.task_suites import load_task, published_finetuned_accuracy, suite_tasks
+    from .data.task_suites import TASKS, load_task, published_finetuned_accuracy, suite_tasks
     from .evaluation import classification_metrics
     from .importers import load_imported
     from .methods import merge
@@ -329,8 +324,6 @@ def run_multitask(
     pretrained = load_imported(zeroshot, backbone)[0] if zeroshot.exists() else encoder_state(clip.model.visual)
     experts = {t: load_imported(folder / f"{t}.safetensors", backbone)[0] for t in names}
     vectors = {t: task_vector(experts[t], pretrained) for t in names}
-
-    from .data.task_suites import TASKS
 
     data = {}
     for split in ("val", "test"):

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import MergelibError
+from .imageset import check_labels
 
 
 class DataLayoutError(MergelibError, FileNotFoundError):
@@ -37,15 +38,7 @@ class ImageFileSet:
     def __post_init__(self) -> None:
         object.__setattr__(self, "paths", tuple(Path(p) for p in self.paths))
         object.__setattr__(self, "classnames", tuple(self.classnames))
-        labels = self.labels
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
-            raise ValueError(f"{self.name}: labels must be a 1-D torch.int64 tensor")
-        if len(labels) != len(self.paths):
-            raise ValueError(f"{self.name}: {len(self.paths)} paths but {len(labels)} labels")
-        if not self.classnames:
-            raise ValueError(f"{self.name}: classnames must not be empty")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
-            raise ValueError(f"{self.name}: labels must lie in [0, {len(self.classnames)})")
+        check_labels(self.name, self.labels, self.classnames, len(self.paths), "paths")
 
     def __len__(self) -> int:
         return len(self.paths)

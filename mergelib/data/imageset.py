@@ -42,17 +42,7 @@ class ImageSet:
             raise ValueError(f"{self.name}: images must be a torch.uint8 tensor, got {got}")
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"{self.name}: images must have shape [N, 3, 32, 32], got {list(images.shape)}")
-        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
-            raise ValueError(f"{self.name}: labels must be a 1-D torch.int64 tensor")
-        if len(labels) != len(images):
-            raise ValueError(f"{self.name}: {len(images)} images but {len(labels)} labels")
-        if not self.classnames or not all(isinstance(c, str) for c in self.classnames):
-            raise ValueError(f"{self.name}: classnames must be a non-empty tuple of strings")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
-            raise ValueError(
-                f"{self.name}: labels must lie in [0, {len(self.classnames)}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
+        check_labels(self.name, labels, self.classnames, len(images), "images")
         if self.source_indices is not None and (
             self.source_indices.dtype != torch.int64 or tuple(self.source_indices.shape) != (len(images),)
         ):
@@ -81,6 +71,18 @@ class ImageSet:
         index = torch.from_numpy(np.random.default_rng([seed, stable_int(self.name)]).permutation(len(self))[:n])
         sources = None if self.source_indices is None else self.source_indices[index]
         return ImageSet(self.images[index], self.labels[index], self.classnames, self.name, sources)
+
+
+def check_labels(name: str, labels: object, classnames: tuple[str, ...], count: int, items: str) -> None:
+    """Check that ``labels`` are ``count`` int64 indices into ``classnames`` (``items``: what is labelled)."""
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.ndim != 1:
+        raise ValueError(f"{name}: labels must be a 1-D torch.int64 tensor")
+    if len(labels) != count:
+        raise ValueError(f"{name}: {count} {items} but {len(labels)} labels")
+    if not classnames or not all(isinstance(c, str) for c in classnames):
+        raise ValueError(f"{name}: classnames must be a non-empty tuple of strings")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(classnames)):
+        raise ValueError(f"{name}: labels must lie in [0, {len(classnames)}), got [{int(labels.min())}, {int(labels.max())}]")
 
 
 def stable_int(text: str) -> int:
