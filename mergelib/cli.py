@@ -62,9 +62,13 @@ def _replicate_dg(args: argparse.Namespace) -> int:
 
 
 def _replicate_multitask(args: argparse.Namespace) -> int:
-    from .replication import PAPER_MT_METHODS, run_multitask
+    from .replication import PAPER_MT_METHODS, finetune_task_experts, run_multitask
 
     tasks = int(args.tasks[0]) if len(args.tasks) == 1 and args.tasks[0].isdigit() else args.tasks
+    if args.finetune:
+        finetune_task_experts(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
+                              weights=args.weights, device=args.device, precision=args.precision,
+                              num_workers=args.workers, emnist_rotate_flip=args.emnist_rotate_flip)
     results = run_multitask(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
                             results_dir=args.results_dir, methods=args.methods or PAPER_MT_METHODS, weights=args.weights,
                             device=args.device, precision=args.precision, num_workers=args.workers,
@@ -72,6 +76,43 @@ def _replicate_multitask(args: argparse.Namespace) -> int:
     test = results[results["split"] == "test"].groupby("method")[["accuracy", "normalized_accuracy"]].mean().mul(100)
     print(f"[mergelib] {args.backbone}, {results['tasks'].iloc[0]} tasks (test, %):\n{test.round(2).to_string()}", flush=True)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .benchmark_sweeps import dg_sweep, multitask_sweep
+    from .merge_files import parse_parameters
+    from .sweep import run_sweep, sweep_status
+
+    options = {"weights": args.weights, "device": args.device, "precision": args.precision, "num_workers": args.workers}
+    for name in ("epochs", "batch_size", "accumulation_steps"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.setting == "dg":
+        domains = {}
+        for item in args.domains:
+            dataset, sep, names = item.partition("=")
+            if not sep or not names:
+                raise ValueError(f"--domains expects DATASET=domain,domain,..., got {item!r}")
+            domains[dataset] = names.split(",")
+        jobs = dg_sweep(args.backbones, args.datasets, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir,
+                        results_dir=args.results_dir, methods=args.methods, domains=domains, **options)
+        sweep_dir = args.sweep_dir or args.checkpoint_dir / "sweep"
+    else:
+        tasks = int(args.tasks[0]) if len(args.tasks) == 1 and args.tasks[0].isdigit() else args.tasks
+        if args.emnist_rotate_flip:
+            options["emnist_rotate_flip"] = True
+        jobs = multitask_sweep(args.backbones, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
+                               results_dir=args.results_dir, methods=args.methods, finetune=args.finetune, **options)
+        sweep_dir = args.sweep_dir or args.experts_dir / "sweep"
+    if not args.status:
+        report = run_sweep(jobs, sweep_dir, executor=args.executor, max_parallel=args.max_parallel,
+                           executor_options=parse_parameters(args.executor_option))
+    status = sweep_status(jobs, sweep_dir)
+    columns = [c for c in ("kind", "backbone", "dataset", "domain", "held_out", "task", "method", "state", "seconds", "error")
+               if c in status.columns]
+    print(status[columns].to_string(index=False), flush=True)
+    print(f"[mergelib] sweep records in {sweep_dir}; results in {args.results_dir}", flush=True)
+    return 0 if args.status or report.ok else 1
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -132,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     dg.add_argument("--accumulation-steps", type=int, default=1, help="e.g. 2 with --batch-size 64 for ViT-L-14")
     dg.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     dg.set_defaults(run=_replicate_dg)
-    mt = commands.add_parser("replicate-multitask", help="the 8/14/20-task protocol of TSV, Iso and ESM on imported experts")
+    mt = commands.add_parser("replicate-multitask", help="the 8/14/20-task protocol of TSV, Iso and ESM on imported "
+                                                         "(or, with --finetune, fine-tuned) experts")
     mt.add_argument("--backbone", required=True)
     mt.add_argument("--tasks", nargs="+", required=True, help="8, 14 or 20, or task names")
     mt.add_argument("--data-root", required=True, type=Path, help="folder holding the torchvision datasets")
@@ -144,7 +186,43 @@ def main(argv: list[str] | None = None) -> int:
     mt.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     mt.add_argument("--workers", type=int, default=4)
     mt.add_argument("--emnist-rotate-flip", action="store_true", help="TSV/ESM's EMNIST orientation (off in tall_masks/Iso)")
+    mt.add_argument("--finetune", action="store_true",
+                    help="fine-tune the experts first with the released recipe and epochs (kept in --experts-dir)")
     mt.set_defaults(run=_replicate_multitask)
+    sweep = commands.add_parser("sweep", help="the papers' benchmarks as resumable sweeps of fine-tuning and merge jobs "
+                                              "(submitit: SLURM on a cluster, local subprocesses, or inline)")
+    settings = sweep.add_subparsers(dest="setting", required=True)
+    sweep_dg = settings.add_parser("dg", help="SCORE's leave-one-domain-out benchmark: backbones x datasets x domains")
+    sweep_dg.add_argument("--datasets", nargs="+", required=True, help="names of mergelib.data.dg_datasets.DG_DATASETS")
+    sweep_dg.add_argument("--checkpoint-dir", required=True, type=Path, help="where the experts are written (shared by the nodes)")
+    sweep_dg.add_argument("--domains", nargs="*", default=[], metavar="DATASET=D1,D2",
+                          help="restrict a dataset to some of its domains (default: all)")
+    sweep_mt = settings.add_parser("multitask", help="the 8/14/20-task benchmark: fine-tune (or import) experts, merge per method")
+    sweep_mt.add_argument("--tasks", nargs="+", required=True, help="8, 14 or 20, or task names")
+    sweep_mt.add_argument("--experts-dir", required=True, type=Path, help="{backbone}/{task}.safetensors, imported or fine-tuned here")
+    sweep_mt.add_argument("--finetune", action="store_true", help="fine-tune the experts (default: use imported ones)")
+    sweep_mt.add_argument("--emnist-rotate-flip", action="store_true", help="TSV/ESM's EMNIST orientation")
+    for sub in (sweep_dg, sweep_mt):
+        sub.add_argument("--backbones", nargs="+", required=True, help="ViT-B-32, ViT-B-16, ViT-L-14 (tiny-clip with --weights)")
+        sub.add_argument("--data-root", required=True, type=Path)
+        sub.add_argument("--results-dir", type=Path, default=Path("results/replication"))
+        sub.add_argument("--sweep-dir", type=Path, default=None,
+                         help="job records and logs (default: <checkpoint-dir or experts-dir>/sweep)")
+        sub.add_argument("--methods", nargs="*", default=None, help="method specs (default: the paper's comparison)")
+        sub.add_argument("--weights", default="published")
+        sub.add_argument("--device", default="auto")
+        sub.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+        sub.add_argument("--epochs", type=int, default=None, help="override the released epochs")
+        sub.add_argument("--batch-size", type=int, default=None)
+        sub.add_argument("--accumulation-steps", type=int, default=None)
+        sub.add_argument("--workers", type=int, default=4, help="DataLoader workers per job")
+        sub.add_argument("--executor", default="local", choices=["inline", "local", "slurm", "auto"],
+                         help="slurm on a cluster; local: subprocesses of this machine; inline: this process")
+        sub.add_argument("--max-parallel", type=int, default=None, help="jobs running at once")
+        sub.add_argument("--executor-option", action="append", default=[], metavar="NAME=VALUE",
+                         help="a submitit parameter, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=720 (repeatable)")
+        sub.add_argument("--status", action="store_true", help="print the jobs' states and run nothing")
+        sub.set_defaults(run=_sweep)
     imp = commands.add_parser("import", help="import fine-tuned checkpoints (open_clip pickles/state dicts, Hugging Face "
                                              "CLIPVisionModel) into safetensors, once")
     imp.add_argument("source", type=Path, help="a checkpoint file, or a tall_masks-style folder {model}/{Task}Val/*.pt")

@@ -58,6 +58,7 @@ def evaluate_leave_one_domain_out(
     coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     *,
     fold_parameters: Mapping[str, FoldParameters] | None = None,
+    held_out: Sequence[str] | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -72,13 +73,20 @@ def evaluate_leave_one_domain_out(
             spec label to its coefficients.
         fold_parameters: per method *name*, a function of the fold's source domains returning
             more parameters for the merge (e.g. ESM's subspaces of those experts).
+        held_out: run only these folds (default: every domain of ``test_sets``); each fold still
+            merges all the other domains. The expert matrix then covers these domains only.
+            Running the folds one at a time gives the same rows as running them together.
 
     Results have one row per (held-out domain, method, coefficient) with ``accuracy`` and
     ``balanced_accuracy``; baselines have ``coefficient`` NaN.
     """
     domains = list(test_sets)
+    folds = domains if held_out is None else list(held_out)
+    unknown = [d for d in folds if d not in domains]
+    if unknown:
+        raise ValueError(f"held_out domains {unknown} have no test set; the domains are {domains}")
     heads = head if isinstance(head, Mapping) else {domain: head for domain in domains}
-    missing_heads = [d for d in domains if d not in heads]
+    missing_heads = [d for d in folds if d not in heads]
     if missing_heads:
         raise ValueError(f"no zero-shot head for the domains {missing_heads}")
     specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
@@ -96,37 +104,39 @@ def evaluate_leave_one_domain_out(
     # transfer, and (by averaging logits) the ensemble, without recomputing anything.
     expert_logits: dict[tuple[str, str], torch.Tensor] = {}
     matrix = []
-    pairs = [(e, d) for e in experts for d in domains]
+    pairs = [(e, d) for e in experts for d in folds]
     for expert, domain in tqdm(pairs, desc="evaluate experts", disable=not progress, leave=False):
         logits = evaluator.logits(experts[expert], heads[domain], test_sets[domain])
         expert_logits[expert, domain] = logits
         matrix.append({"expert": expert, "domain": domain, **classification_metrics(logits, test_sets[domain].labels)})
     matrix = pd.DataFrame(matrix)
 
-    total = len(domains) * sum(len(c) for c in per_method.values())
+    total = len(folds) * sum(len(c) for c in per_method.values())
     bar = tqdm(total=total, desc="merge and evaluate", disable=not progress, leave=False)
-    for held_out, sources in leave_one_out(domains):
-        labels = test_sets[held_out].labels
+    for target, sources in leave_one_out(domains):
+        if target not in folds:
+            continue
+        labels = test_sets[target].labels
         n = len(labels)
-        zs = classification_metrics(evaluator.logits(pretrained, heads[held_out], test_sets[held_out]), labels)
-        record(held_out=held_out, method=ZERO_SHOT, coefficient=float("nan"), n_test=n, **zs)
-        if held_out in experts:
-            own = classification_metrics(expert_logits[held_out, held_out], labels)
-            record(held_out=held_out, method=OWN_EXPERT, coefficient=float("nan"), n_test=n, **own)
-        singles = matrix[(matrix.domain == held_out) & matrix.expert.isin(sources)]
+        zs = classification_metrics(evaluator.logits(pretrained, heads[target], test_sets[target]), labels)
+        record(held_out=target, method=ZERO_SHOT, coefficient=float("nan"), n_test=n, **zs)
+        if target in experts:
+            own = classification_metrics(expert_logits[target, target], labels)
+            record(held_out=target, method=OWN_EXPERT, coefficient=float("nan"), n_test=n, **own)
+        singles = matrix[(matrix.domain == target) & matrix.expert.isin(sources)]
         for name, pick in ((OTHER_EXPERTS_MEAN, singles.mean(numeric_only=True)), (OTHER_EXPERTS_BEST, singles.max(numeric_only=True))):
-            record(held_out=held_out, method=name, coefficient=float("nan"), n_test=n,
+            record(held_out=target, method=name, coefficient=float("nan"), n_test=n,
                    accuracy=float(pick["accuracy"]), balanced_accuracy=float(pick["balanced_accuracy"]))
-        ensemble = torch.stack([expert_logits[s, held_out] for s in sources]).mean(0)
-        record(held_out=held_out, method=ENSEMBLE, coefficient=float("nan"), n_test=n, **classification_metrics(ensemble, labels))
+        ensemble = torch.stack([expert_logits[s, target] for s in sources]).mean(0)
+        record(held_out=target, method=ENSEMBLE, coefficient=float("nan"), n_test=n, **classification_metrics(ensemble, labels))
         source_vectors = [task_vectors[s] for s in sources]
         for spec in specs:
             extra = fold_parameters[spec.name](sources) if spec.name in fold_parameters else {}
             merged = merge(spec.name, source_vectors, **spec.params, **extra)
             for coefficient in per_method[spec.label]:
                 state = apply_task_vector(pretrained, merged, alpha=coefficient)
-                metrics = classification_metrics(evaluator.logits(state, heads[held_out], test_sets[held_out]), labels)
-                record(held_out=held_out, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
+                metrics = classification_metrics(evaluator.logits(state, heads[target], test_sets[target]), labels)
+                record(held_out=target, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), matrix

@@ -19,6 +19,7 @@ gradients of that many batches per optimizer step, as the released code does for
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -71,7 +72,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 def finetune_image_encoder(
     clip: Clip,
     head: ClassificationHead,
-    train: ImageSet | ImageFileSet,
+    train: ImageSet | ImageFileSet | torch.utils.data.Dataset,
     config: FinetuneConfig,
     *,
     device: str | torch.device = "cpu",
@@ -79,56 +80,86 @@ def finetune_image_encoder(
     progress: bool = True,
     num_workers: int = 0,
 ) -> tuple[StateDict, list[float]]:
-    """Fine-tune a copy of ``clip``'s image tower on ``train``; return its state and the step losses."""
-    if len(head.classnames) and tuple(head.classnames) != tuple(train.classnames):
-        raise ValueError(f"head classes {head.classnames} do not match the dataset's {train.classnames}")
+    """Fine-tune a copy of ``clip``'s image tower on ``train``; return its state and the step losses.
+
+    ``train``: an ``ImageSet``, an ``ImageFileSet`` (read with the backbone's train transform), or
+    any torch ``Dataset`` of ``(input tensor, label)`` pairs already transformed (a torchvision
+    dataset of :mod:`mergelib.data.task_suites` built with ``clip.preprocess_train``).
+    """
+    classnames = getattr(train, "classnames", None)
+    if len(head.classnames) and classnames is not None and tuple(head.classnames) != tuple(classnames):
+        raise ValueError(f"head classes {head.classnames} do not match the dataset's {classnames}")
     if config.accumulation_steps < 1:
         raise ValueError(f"accumulation_steps must be >= 1, got {config.accumulation_steps}")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
     encoder = copy.deepcopy(clip.model.visual).to(device).train()
-    classifier = ImageClassifier(encoder, head.to(device))
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    autocast = autocast_context(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     batches_per_epoch = math.ceil(len(train) / config.batch_size)
     total = math.ceil(batches_per_epoch / config.accumulation_steps) * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, config.warmup_steps)
-    )
+    step = TrainingStep(encoder, head, config, total, device)
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False, mininterval=1.0)
-    accumulate = config.accumulation_steps
     for _ in range(config.epochs):
-        batches = _training_batches(train, clip, config.batch_size, generator, num_workers)
-        for index, (inputs, labels) in enumerate(batches):
-            if index % accumulate == 0:
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-            with autocast():
-                loss = F.cross_entropy(classifier(inputs.to(device)), labels.to(device)) / accumulate
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-            if (index + 1) % accumulate == 0 or index + 1 == batches_per_epoch:
-                scaler.unscale_(optimizer)  # clip the true gradients (see the module docstring)
-                torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                losses.append(step_loss)
-                bar.update()
+        batches = iter(_training_batches(train, clip, config.batch_size, generator, num_workers))
+        # one optimizer step per accumulation_steps batches; the epoch's last group may be shorter
+        for first in batches:
+            losses.append(step(itertools.chain((first,), itertools.islice(batches, config.accumulation_steps - 1))))
+            bar.update()
     bar.close()
     return encoder_state(encoder), losses
 
 
-def _training_batches(train: ImageSet | ImageFileSet, clip: Clip, batch_size: int, generator: torch.Generator,
-                      num_workers: int):
+class TrainingStep:
+    """The optimizer of a fine-tuning run and its step, shared by :func:`finetune_image_encoder`
+    and the fine-tuning throughput benchmark (``mergelib.benchmarking``).
+
+    AdamW on every parameter of ``encoder``, the schedule of :func:`lr_factor` over
+    ``total_steps`` optimizer steps, autocast at ``config.precision`` with a gradient scaler for
+    fp16 (gradients unscaled before clipping), clipping at ``config.grad_clip``. Calling it with
+    the micro-batches ``(inputs, labels)`` of one optimizer step (``config.accumulation_steps`` of
+    them, or fewer at the end of an epoch) runs forward and backward on each, steps the optimizer
+    and the schedule, and returns the step's loss.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, head: ClassificationHead, config: FinetuneConfig,
+                 total_steps: int, device: torch.device):
+        if config.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {config.accumulation_steps}")
+        self.encoder, self.config, self.device = encoder, config, device
+        self.classifier = ImageClassifier(encoder, head.to(device))
+        self.optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.autocast = autocast_context(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup_steps)
+        )
+
+    def __call__(self, micro_batches) -> float:
+        accumulate = self.config.accumulation_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for inputs, labels in micro_batches:
+            with self.autocast():
+                loss = F.cross_entropy(self.classifier(inputs.to(self.device)), labels.to(self.device)) / accumulate
+            self.scaler.scale(loss).backward()
+            step_loss += loss.item()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (see the module docstring)
+        torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return step_loss
+
+
+def _training_batches(train: ImageSet | ImageFileSet | torch.utils.data.Dataset, clip: Clip, batch_size: int,
+                      generator: torch.Generator, num_workers: int):
     """One epoch of augmented ``(inputs, labels)`` batches in a random order drawn from ``generator``."""
     if isinstance(train, ImageFileSet):
+        train = train.with_transform(clip.preprocess_train)
+    if isinstance(train, torch.utils.data.Dataset):
         sampler = torch.utils.data.RandomSampler(range(len(train)), generator=generator)
-        yield from torch.utils.data.DataLoader(train.with_transform(clip.preprocess_train), batch_size=batch_size,
-                                               sampler=sampler, num_workers=num_workers)
+        yield from torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
         return
     order = torch.randperm(len(train), generator=generator)
     for start in range(0, len(train), batch_size):

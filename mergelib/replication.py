@@ -26,6 +26,7 @@ The same code runs the miniature's ``tiny-clip`` on the generated stand-in folde
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import OrderedDict
@@ -112,15 +113,194 @@ def _proxy_inputs(files: ImageFileSet, clip: Clip, count: int, seed: int) -> tor
     return torch.stack([picked[i][0] for i in range(len(picked))])
 
 
-def write_results(results: pd.DataFrame, directory: Path, record: dict[str, Any]) -> list[Path]:
-    """One CSV per method (``method`` column) under ``directory`` and ``provenance.json``, atomically."""
+def write_results(results: pd.DataFrame, directory: Path, record: dict[str, Any], *,
+                  provenance_name: str = "provenance.json") -> list[Path]:
+    """One CSV per method (``method`` column) under ``directory`` and the provenance record, atomically."""
     written = []
     for method, table in results.groupby("method", sort=False):
         path = directory / f"{method_file_name(str(method))}.csv"
         atomic_write(path, lambda tmp, t=table: t.to_csv(tmp, index=False))
         written.append(path)
-    write_json(directory / "provenance.json", record)
+    write_json(directory / provenance_name, record)
     return written
+
+
+def _pretrained_id(pretrained: StateDict) -> str:
+    """A short identifier of pretrained weights (shapes and sums), recorded in every expert's key."""
+    return config_hash({k: [list(v.shape), float(v.double().sum())] for k, v in pretrained.items()})[:16]
+
+
+class DGExperiment:
+    """SCORE's leave-one-domain-out experiment for one backbone and dataset, in parts.
+
+    Made by :func:`prepare_dg_experiment`. :meth:`finetune_expert` fine-tunes (or finds in the
+    checkpoint folder) one domain's expert, :meth:`evaluate` runs some or all folds on the
+    finished experts; :func:`run_domain_generalization` does everything in one process, and the
+    sweep kinds of :mod:`mergelib.benchmark_sweeps` run the same parts as separate jobs, so both
+    produce the same experts (same cache keys) and the same numbers.
+    """
+
+    def __init__(self, backbone: str, dataset: str, *, clip: Clip, device: torch.device, domains: Sequence[str],
+                 train: Mapping[str, ImageFileSet], test: Mapping[str, ImageFileSet], recipe: FinetuneConfig,
+                 checkpoint_dir: Path, parameters: Mapping[str, Any], num_workers: int, eval_batch_size: int,
+                 precision: str, esm_proxy_count: int):
+        from .data.dg_datasets import get_dg_dataset
+
+        self.backbone, self.dataset, self.spec = backbone, dataset, get_dg_dataset(dataset)
+        self.clip, self.device, self.domains = clip, device, list(domains)
+        self.train, self.test, self.recipe = dict(train), dict(test), recipe
+        self.pretrained = encoder_state(clip.model.visual)
+        self.pretrained_id = _pretrained_id(self.pretrained)
+        self.expert_dir = Path(checkpoint_dir) / backbone / "domain_generalization" / dataset
+        self.parameters = {**parameters, "pretrained_id": self.pretrained_id}
+        self.num_workers, self.eval_batch_size, self.precision = num_workers, eval_batch_size, precision
+        self.esm_proxy_count = esm_proxy_count
+        self._heads: dict[tuple[str, ...], ClassificationHead] = {}
+
+    def head(self, classnames: Sequence[str]) -> ClassificationHead:
+        """The zero-shot head of these class names with the dataset's templates (built once)."""
+        key = tuple(classnames)
+        if key not in self._heads:
+            self._heads[key] = zero_shot_head(self.clip, key, self.spec.templates)
+        return self._heads[key]
+
+    def expert_path(self, domain: str) -> Path:
+        return self.expert_dir / f"{domain}.safetensors"
+
+    def expert_key(self, domain: str) -> str:
+        return config_hash({"backbone": self.backbone, "pretrained": self.pretrained_id, "dataset": self.dataset,
+                            "domain": domain, "data": self.train[domain].fingerprint(),
+                            "templates": list(self.spec.templates), "finetune": self.recipe.as_dict()})
+
+    def _check_domain(self, domain: str) -> None:
+        if domain not in self.domains:
+            raise ValueError(f"{self.dataset}: domain {domain!r} is not in this experiment's domains {self.domains}")
+
+    def finetune_expert(self, domain: str, *, progress: bool = True) -> dict[str, Any]:
+        """Fine-tune ``domain``'s expert with the recipe unless a valid one is cached; its manifest."""
+        self._check_domain(domain)
+
+        def build():
+            state, losses = finetune_image_encoder(
+                self.clip, self.head(self.train[domain].classnames), self.train[domain], self.recipe,
+                device=self.device, description=f"fine-tune {self.dataset}/{domain}", progress=progress,
+                num_workers=self.num_workers)
+            return state, {"backbone": self.backbone, "dataset": self.dataset, "domain": domain,
+                           "hyperparameters": self.recipe.as_dict(), "seed": self.recipe.seed,
+                           "n_train": len(self.train[domain]), "final_loss": losses[-1] if losses else None}
+
+        return cached_state(self.expert_path(domain), self.expert_key(domain), build)[1]
+
+    def load_expert(self, domain: str) -> StateDict:
+        """A finished expert (a clear error naming the file if it is missing, stale or corrupt)."""
+        self._check_domain(domain)
+        path = self.expert_path(domain)
+        if not path.exists():
+            raise FileNotFoundError(f"{self.dataset}/{domain}: no expert at {path}; fine-tune it first "
+                                    "(run_domain_generalization or the sweep's dg-finetune jobs)")
+        return load_state(path, key=self.expert_key(domain))[0]
+
+    def evaluate(self, methods: Sequence[str | MethodSpec] = PAPER_DG_METHODS, *, held_out: Sequence[str] | None = None,
+                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+        """The folds of ``held_out`` (default: every domain) at coefficient 1 with the baselines:
+        results (with ``backbone, dataset, metric, score``), the expert-by-domain matrix over those
+        domains, and timings."""
+        timings: dict[str, float] = {}
+        experts = LazyStates(self.domains, self.load_expert, keep=2)
+        vectors = LazyStates(self.domains, lambda d: task_vector(self.load_expert(d), self.pretrained), keep=len(self.domains))
+        specs = _method_specs(methods, self.spec.trim_divide_by_tasks)
+        folds = self.domains if held_out is None else list(held_out)
+        for domain in folds:
+            self._check_domain(domain)
+        sources = sorted({s for d in folds for s in self.domains if s != d}, key=self.domains.index)
+
+        fold = {}
+        if any(map(needs_essential_subspaces, specs)):
+            from .essential import essential_subspaces
+
+            clock = time.perf_counter()
+            subspaces = {d: essential_subspaces(self.clip.model.visual, self.pretrained, vectors[d],
+                                                _proxy_inputs(self.train[d], self.clip, self.esm_proxy_count, self.recipe.seed),
+                                                device=self.device)
+                         for d in sources}
+            fold["esm"] = lambda names: {"subspaces": [subspaces[s] for s in names]}
+            timings["ESM subspaces"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        heads = {d: self.head(self.test[d].classnames) for d in folds}
+        evaluator = EncoderEvaluator(self.clip, device=self.device, batch_size=self.eval_batch_size,
+                                     num_workers=self.num_workers, precision=self.precision)
+        results, matrix = evaluate_leave_one_domain_out(evaluator, self.pretrained, experts, vectors, heads, self.test, specs,
+                                                        (1.0,), fold_parameters=fold, held_out=folds, progress=progress)
+        timings["merge and evaluate"] = time.perf_counter() - clock
+        metric = "balanced_accuracy" if self.spec.metric == "balanced_accuracy" else "accuracy"
+        results = results.assign(backbone=self.backbone, dataset=self.dataset, metric=metric, score=results[metric])
+        return results, matrix, timings
+
+    def method_parameters(self, methods: Sequence[str | MethodSpec]) -> dict[str, Any]:
+        specs = _method_specs(methods, self.spec.trim_divide_by_tasks)
+        return {"methods": [s.label for s in specs], "method_params": {s.label: dict(s.params) for s in specs}}
+
+    def store(self, results: pd.DataFrame, matrix: pd.DataFrame, results_dir: str | Path, *,
+              methods: Sequence[str | MethodSpec], git: Mapping[str, Any], timings: Mapping[str, float],
+              experts: Mapping[str, str | None]) -> Path:
+        """Write the result store ``{results_dir}/{backbone}/domain_generalization/{dataset}/``:
+        one CSV per method, ``matrix.csv`` and ``provenance.json``, atomically."""
+        out = Path(results_dir) / self.backbone / "domain_generalization" / self.dataset
+        record = provenance({**self.parameters, **self.method_parameters(methods)}, git=dict(git),
+                            seeds={"finetune": self.recipe.seed, "esm_proxies": self.recipe.seed},
+                            timings=dict(timings), device=str(self.device), experts=dict(experts))
+        atomic_write(out / "matrix.csv", lambda tmp: matrix.to_csv(tmp, index=False))
+        write_results(results, out, record)
+        return out
+
+
+def prepare_dg_experiment(
+    backbone: str,
+    dataset: str,
+    *,
+    data_root: str | Path,
+    checkpoint_dir: str | Path,
+    domains: Sequence[str] | None = None,
+    weights: str | Path | None = "published",
+    device: str = "auto",
+    precision: str = "fp32",
+    epochs: int | None = None,
+    batch_size: int = 128,
+    accumulation_steps: int = 1,
+    num_workers: int = 4,
+    eval_batch_size: int = 128,
+    esm_proxy_count: int = 32,
+    finetune_overrides: Mapping[str, Any] | None = None,
+    loader_options: Mapping[str, Any] | None = None,
+) -> DGExperiment:
+    """Load the backbone and the dataset's domains (file lists; no pixels read) for a
+    :class:`DGExperiment`. The arguments are those of :func:`run_domain_generalization`; a
+    fine-tuning job may name a single domain, the evaluation needs at least two."""
+    from .data.dg_datasets import get_dg_dataset, load_domain
+
+    spec = get_dg_dataset(dataset)
+    if domains is None:
+        domains = list(spec.domains_in_iteration_order)
+    else:
+        unknown = [d for d in domains if d not in spec.domains]
+        if unknown:
+            raise ValueError(f"{dataset} has no domains {unknown}; its domains are {list(spec.domains)}")
+        domains = [d for d in spec.domains_in_iteration_order if d in domains]
+    torch_device = resolve_device(device)
+    options = dict(loader_options or {})
+    train = {d: load_domain(dataset, data_root, d, "train", **options) for d in domains}
+    test = {d: load_domain(dataset, data_root, d, "test", **options) for d in domains}
+    clip = create_clip(backbone, weights=weights, device=torch_device)
+    recipe = paper_recipe(spec.epochs if epochs is None else epochs, precision=precision, batch_size=batch_size,
+                          accumulation_steps=accumulation_steps, **dict(finetune_overrides or {}))
+    parameters = {"backbone": backbone, "dataset": dataset, "weights": str(weights), "finetune": recipe.as_dict(),
+                  "precision": precision, "esm_proxy_count": esm_proxy_count, "domains": list(domains),
+                  "data_root": str(data_root), "loader_options": options}
+    return DGExperiment(backbone, dataset, clip=clip, device=torch_device, domains=domains, train=train, test=test,
+                        recipe=recipe, checkpoint_dir=Path(checkpoint_dir), parameters=parameters,
+                        num_workers=num_workers, eval_batch_size=eval_batch_size, precision=precision,
+                        esm_proxy_count=esm_proxy_count)
 
 
 def run_domain_generalization(
@@ -155,89 +335,21 @@ def run_domain_generalization(
     initialisation, which only tests use). ``epochs`` overrides the dataset's released count;
     ``domains`` restricts the run to some of the dataset's domains (kept in the released order).
     """
-    from .data.dg_datasets import get_dg_dataset, load_domain
-
     started = git_state()
-    spec = get_dg_dataset(dataset)
-    torch_device = resolve_device(device)
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
-    clip = create_clip(backbone, weights=weights, device=torch_device)
-    pretrained = encoder_state(clip.model.visual)
-    pretrained_id = config_hash({k: [list(v.shape), float(v.double().sum())] for k, v in pretrained.items()})[:16]
-    if domains is None:
-        domains = list(spec.domains_in_iteration_order)
-    else:
-        unknown = [d for d in domains if d not in spec.domains]
-        if unknown:
-            raise ValueError(f"{dataset} has no domains {unknown}; its domains are {list(spec.domains)}")
-        domains = [d for d in spec.domains_in_iteration_order if d in domains]
-    options = dict(loader_options or {})
-    train = {d: load_domain(dataset, data_root, d, "train", **options) for d in domains}
-    test = {d: load_domain(dataset, data_root, d, "test", **options) for d in domains}
-    heads: dict[str, ClassificationHead] = {}
-    for d in domains:
-        heads[d] = zero_shot_head(clip, test[d].classnames, spec.templates)
-    train_heads = {d: heads[d] if train[d].classnames == test[d].classnames else zero_shot_head(clip, train[d].classnames, spec.templates)
-                   for d in domains}
-    timings["load data and heads"] = time.perf_counter() - clock
-
-    recipe = paper_recipe(spec.epochs if epochs is None else epochs, precision=precision, batch_size=batch_size,
-                          accumulation_steps=accumulation_steps, **dict(finetune_overrides or {}))
-    expert_dir = Path(checkpoint_dir) / backbone / "domain_generalization" / dataset
-
-    def expert_key(domain: str) -> str:
-        return config_hash({"backbone": backbone, "pretrained": pretrained_id, "dataset": dataset, "domain": domain,
-                            "data": train[domain].fingerprint(), "templates": list(spec.templates),
-                            "finetune": recipe.as_dict()})
-
+    experiment = prepare_dg_experiment(
+        backbone, dataset, data_root=data_root, checkpoint_dir=checkpoint_dir, domains=domains, weights=weights,
+        device=device, precision=precision, epochs=epochs, batch_size=batch_size, accumulation_steps=accumulation_steps,
+        num_workers=num_workers, eval_batch_size=eval_batch_size, esm_proxy_count=esm_proxy_count,
+        finetune_overrides=finetune_overrides, loader_options=loader_options)
+    timings = {"load backbone and data": time.perf_counter() - clock}
     clock = time.perf_counter()
-    manifests = {}
-    for domain in domains:
-        def build(domain=domain):
-            state, losses = finetune_image_encoder(clip, train_heads[domain], train[domain], recipe, device=torch_device,
-                                                   description=f"fine-tune {dataset}/{domain}", progress=progress,
-                                                   num_workers=num_workers)
-            return state, {"backbone": backbone, "dataset": dataset, "domain": domain, "hyperparameters": recipe.as_dict(),
-                           "seed": recipe.seed, "n_train": len(train[domain]), "final_loss": losses[-1] if losses else None}
-        _, manifests[domain] = cached_state(expert_dir / f"{domain}.safetensors", expert_key(domain), build)
+    manifests = {d: experiment.finetune_expert(d, progress=progress) for d in experiment.domains}
     timings["fine-tune experts"] = time.perf_counter() - clock
-
-    def load_expert(domain: str) -> StateDict:
-        return load_state(expert_dir / f"{domain}.safetensors", key=expert_key(domain))[0]
-
-    experts = LazyStates(domains, load_expert, keep=2)
-    vectors = LazyStates(domains, lambda d: task_vector(load_expert(d), pretrained), keep=len(domains))
-    specs = _method_specs(methods, spec.trim_divide_by_tasks)
-
-    fold = {}
-    if any(map(needs_essential_subspaces, specs)):
-        from .essential import essential_subspaces
-
-        clock = time.perf_counter()
-        subspaces = {d: essential_subspaces(clip.model.visual, pretrained, vectors[d],
-                                            _proxy_inputs(train[d], clip, esm_proxy_count, recipe.seed), device=torch_device)
-                     for d in domains}
-        fold["esm"] = lambda sources: {"subspaces": [subspaces[s] for s in sources]}
-        timings["ESM subspaces"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    evaluator = EncoderEvaluator(clip, device=torch_device, batch_size=eval_batch_size, num_workers=num_workers,
-                                 precision=precision)
-    results, matrix = evaluate_leave_one_domain_out(evaluator, pretrained, experts, vectors, heads, test, specs, (1.0,),
-                                                    fold_parameters=fold, progress=progress)
-    timings["merge and evaluate"] = time.perf_counter() - clock
-    metric = "balanced_accuracy" if spec.metric == "balanced_accuracy" else "accuracy"
-    results = results.assign(backbone=backbone, dataset=dataset, metric=metric, score=results[metric])
-    parameters = {"backbone": backbone, "dataset": dataset, "weights": str(weights), "pretrained_id": pretrained_id,
-                  "methods": [s.label for s in specs], "method_params": {s.label: dict(s.params) for s in specs},
-                  "finetune": recipe.as_dict(), "precision": precision, "esm_proxy_count": esm_proxy_count,
-                  "domains": domains, "data_root": str(data_root), "loader_options": options}
-    out = Path(results_dir) / backbone / "domain_generalization" / dataset
-    record = provenance(parameters, git=started, seeds={"finetune": recipe.seed, "esm_proxies": recipe.seed},
-                        timings=timings, device=str(torch_device), experts={d: m.get("sha256") for d, m in manifests.items()})
-    atomic_write(out / "matrix.csv", lambda tmp: matrix.to_csv(tmp, index=False))
-    write_results(results, out, record)
+    results, matrix, evaluation_timings = experiment.evaluate(methods, progress=progress)
+    timings.update(evaluation_timings)
+    experiment.store(results, matrix, results_dir, methods=methods, git=started, timings=timings,
+                     experts={d: m.get("sha256") for d, m in manifests.items()})
     return results, matrix
 
 
@@ -261,6 +373,103 @@ PAPER_MT_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "esm
 
 def _ratio(accuracy: float, reference: float) -> float:
     return accuracy / reference if reference else float("nan")
+
+
+def task_split_fingerprint(task: str, dataset: torch.utils.data.Dataset, classnames: Sequence[str]) -> str:
+    """What identifies a loaded split of a suite task: its size, the TALL subset's indices (if a
+    ``Subset``), the labels and the class names. Like :meth:`ImageFileSet.fingerprint` it names
+    the split, not the pixels."""
+    indices = list(dataset.indices) if isinstance(dataset, torch.utils.data.Subset) else None
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return config_hash({"task": task, "n_items": len(base), "indices": indices, "classnames": list(classnames),
+                        "labels": dataset_labels(dataset).tolist()})
+
+
+FINETUNED_TASK_EXPERT = "finetuned_task_expert"
+
+
+def finetune_task_expert(
+    clip: Clip,
+    task: str,
+    *,
+    data_root: str | Path,
+    experts_dir: str | Path,
+    epochs: int | None = None,
+    precision: str = "fp32",
+    batch_size: int = 128,
+    accumulation_steps: int = 1,
+    num_workers: int = 4,
+    finetune_overrides: Mapping[str, Any] | None = None,
+    emnist_rotate_flip: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune one task expert of the 8/14/20-task suites as the released ``finetune.py`` does,
+    unless a valid one is cached; return its manifest.
+
+    The recipe is SCORE's and TALL's (AdamW lr 1e-5, wd 0.1, batch 128, 500 warm-up steps, cosine,
+    clip 1.0) with the task's released epochs (:attr:`TaskDatasetSpec.epochs`; ``epochs``
+    overrides), on the TALL *training* part (90 % of train, capped validation), with the frozen
+    zero-shot head of the task's templates. The released task code sets no seed; we use the
+    recipe's seed 5. Writes ``{experts_dir}/{backbone}/{task}.safetensors``, the layout of
+    :func:`mergelib.importers.import_directory`, so :func:`run_multitask` reads both alike; an
+    imported checkpoint already there is never overwritten.
+    """
+    from .data.task_suites import TASKS, load_task
+    from .errors import lookup
+
+    spec = lookup(TASKS, "task", task)
+    backbone = clip.spec.name
+    torch_device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    loaded = load_task(task, data_root, "train", transform=clip.preprocess_train, emnist_rotate_flip=emnist_rotate_flip)
+    recipe = paper_recipe(spec.epochs if epochs is None else epochs, precision=precision, batch_size=batch_size,
+                          accumulation_steps=accumulation_steps, **dict(finetune_overrides or {}))
+    pretrained_id = _pretrained_id(encoder_state(clip.model.visual))
+    key = config_hash({"backbone": backbone, "pretrained": pretrained_id, "task": task,
+                       "data": task_split_fingerprint(task, loaded.dataset, loaded.classnames),
+                       "templates": list(spec.templates), "finetune": recipe.as_dict(),
+                       "emnist_rotate_flip": bool(emnist_rotate_flip and task == "EMNIST")})
+    path = Path(experts_dir) / backbone / f"{task}.safetensors"
+    existing = path.with_suffix(".json")
+    if existing.is_file():
+        try:
+            kind = json.loads(existing.read_text()).get("kind")
+        except ValueError:
+            kind = None
+        if kind == "imported_checkpoint":
+            raise FileExistsError(f"{path} is an imported checkpoint; fine-tune into another experts_dir, or delete it first")
+
+    def build():
+        head = zero_shot_head(clip, loaded.classnames, spec.templates)
+        state, losses = finetune_image_encoder(clip, head, loaded.dataset, recipe, device=torch_device,
+                                               description=f"fine-tune {task}", progress=progress, num_workers=num_workers)
+        return state, {"kind": FINETUNED_TASK_EXPERT, "backbone": backbone, "task": task, "pretrained_id": pretrained_id,
+                       "hyperparameters": recipe.as_dict(), "seed": recipe.seed, "n_train": len(loaded.dataset),
+                       "emnist_rotate_flip": bool(emnist_rotate_flip), "final_loss": losses[-1] if losses else None,
+                       "provenance": provenance({"task": task, "data_root": str(data_root), "finetune": recipe.as_dict()})}
+
+    return cached_state(path, key, build)[1]
+
+
+def finetune_task_experts(
+    backbone: str,
+    tasks: int | Sequence[str],
+    *,
+    data_root: str | Path,
+    experts_dir: str | Path,
+    weights: str | Path | None = "published",
+    device: str = "auto",
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """:func:`finetune_task_expert` for every task of a suite (8, 14, 20) or list; manifests by task."""
+    from .data.task_suites import suite_tasks
+
+    names = list(suite_tasks(tasks)) if isinstance(tasks, int) else list(tasks)
+    torch_device = resolve_device(device)
+    clip = create_clip(backbone, weights=weights, device=torch_device)
+    return {t: finetune_task_expert(clip, t, data_root=data_root, experts_dir=experts_dir, device=torch_device,
+                                    progress=progress, **options) for t in names}
 
 
 def dataset_labels(dataset: torch.utils.data.Dataset) -> torch.Tensor:
@@ -293,6 +502,7 @@ def run_multitask(
     esm_proxy_count: int = 32,
     emnist_rotate_flip: bool = False,
     normalize_with: str = "published",
+    provenance_name: str = "provenance.json",
     progress: bool = True,
 ) -> pd.DataFrame:
     """The 8/14/20-task protocol on imported experts (``experts_dir/{backbone}/{task}.safetensors``
@@ -303,12 +513,15 @@ def run_multitask(
     accuracy divides by the published fine-tuned accuracies (``normalize_with="published"``, as
     the papers do; valid only for the public checkpoints of the real backbones) or by the
     imported experts' own accuracies (``"experts"``). Writes
-    ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated.
+    ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated, and the
+    provenance record as ``provenance_name`` there (the sweep runs one method per job and gives
+    each its own record). Experts fine-tuned by :func:`finetune_task_expert` record the pretrained
+    weights they started from; evaluating them against other pretrained weights is an error.
     """
     from .coefficients import search_alpha
     from .data.task_suites import TASKS, load_task, published_finetuned_accuracy, suite_tasks
     from .evaluation import classification_metrics
-    from .importers import load_imported
+    from .importers import CheckpointMismatchError, load_imported
     from .methods import merge
     from .task_vectors import apply_task_vector
 
@@ -322,7 +535,14 @@ def run_multitask(
     folder = Path(experts_dir) / backbone
     zeroshot = folder / "zeroshot.safetensors"
     pretrained = load_imported(zeroshot, backbone)[0] if zeroshot.exists() else encoder_state(clip.model.visual)
-    experts = {t: load_imported(folder / f"{t}.safetensors", backbone)[0] for t in names}
+    loaded = {t: load_imported(folder / f"{t}.safetensors", backbone) for t in names}
+    experts = {t: state for t, (state, _) in loaded.items()}
+    current = _pretrained_id(pretrained)
+    foreign = [t for t, (_, manifest) in loaded.items() if manifest.get("pretrained_id", current) != current]
+    if foreign:
+        raise CheckpointMismatchError(
+            f"the experts of {foreign} were fine-tuned from other pretrained weights than {weights!r} "
+            f"(pretrained id {current}); pass the weights they were fine-tuned from")
     vectors = {t: task_vector(experts[t], pretrained) for t in names}
 
     data = {}
@@ -342,6 +562,10 @@ def run_multitask(
         reference = {split: {t: published_finetuned_accuracy(backbone, t, split) for t in names} for split in ("val", "test")}
     else:
         reference = {split: {t: accuracies(experts[t], split)[t] for t in names} for split in ("val", "test")}
+        zero = [f"{t} ({split})" for split in reference for t, a in reference[split].items() if a == 0]
+        if zero:
+            raise ValueError(f"normalized accuracy is undefined: the experts of {zero} have accuracy 0 on that split; "
+                             "use normalize_with='published' or larger splits")
 
     rows = [{"method": "zero-shot", "alpha": float("nan"), "split": split, "task": t, "accuracy": a,
              "normalized_accuracy": _ratio(a, reference[split][t]), "selected": True}
@@ -380,5 +604,5 @@ def run_multitask(
                   "esm_proxy_count": esm_proxy_count, "experts_dir": str(experts_dir), "data_root": str(data_root)}
     record = provenance(parameters, git=started, seeds={"tall_validation_split": 0}, searches=searches,
                         device=str(torch_device))
-    write_results(results, Path(results_dir) / backbone / "multitask" / suite, record)
+    write_results(results, Path(results_dir) / backbone / "multitask" / suite, record, provenance_name=provenance_name)
     return results

@@ -12,6 +12,13 @@ expects, including PACS's kfold lists and FedISIC's split CSV, and the documente
 of the real data: DomainNet's painting train split has no ``t-shirt`` folder, Retina's Moderate
 grade folder is present (the 4-class default leaves it out when reading), and PACS's test lists
 hold the whole domain.
+
+:func:`make_task_standin` does the same for tasks of the 8/14/20-task suites
+(:mod:`mergelib.data.task_suites`) whose torchvision readers accept generated files: the MNIST
+family (IDX files), the ``ImageFolder`` trees (DTD, EuroSAT, SUN397, RESISC45 with its split lists),
+GTSRB (PPM files and the test CSV) and Stanford Cars (the devkit ``.mat`` files). SVHN, CIFAR,
+STL10, Flowers102, PCAM, FER2013 and the rest have no stand-in: torchvision checks the MD5 sums of
+their real files, which generated files cannot match.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from PIL import Image
 from ..errors import ParameterValueError, lookup
 from .dg_datasets import DG_DATASETS, SPLITS, DGDatasetSpec, get_dg_dataset
 
-__all__ = ["make_dg_standin", "standin_image"]
+__all__ = ["make_dg_standin", "make_task_standin", "standin_image", "TASK_STANDINS"]
 
 
 def standin_image(class_index: int, domain_index: int, seed_parts: Sequence[int], size: tuple[int, int]) -> Image.Image:
@@ -139,3 +146,126 @@ def make_dg_standin(name: str, root: str | Path, *, images_per_class: int = 2, n
                         write(base / split / domain / cls / f"{split}_{item:03d}{suffix}", label, domain, split, item)
     return root
 
+
+
+# ------------------------------------------------------------------------- the task suites
+
+#: Tasks of :mod:`mergelib.data.task_suites` that :func:`make_task_standin` can write.
+TASK_STANDINS = ("Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "FashionMNIST", "EMNIST", "KMNIST")
+_IDX_FILES = {"MNIST": ("MNIST/raw", "train", "t10k"), "FashionMNIST": ("FashionMNIST/FashionMNIST/raw", "train", "t10k"),
+              "KMNIST": ("KMNIST/KMNIST/raw", "train", "t10k"),
+              "EMNIST": ("EMNIST/EMNIST/raw", "emnist-digits-train", "emnist-digits-test")}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file (the MNIST format) of a uint8 array."""
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4, n_classes: int = 5, seed: int = 0,
+                      image_size: int = 32) -> Path:
+    """Write a stand-in of suite task ``name`` under ``root`` in the layout that
+    :func:`~mergelib.data.task_suites.load_task` reads; return ``root``.
+
+    Each split of each class holds ``images_per_class`` images (the train split is then cut into
+    the TALL training and validation parts by ``load_task``). ``n_classes`` is the number of
+    classes where the class list comes from the files (MNIST family at most 10, DTD, SUN397, Cars,
+    GTSRB at most 43); EuroSAT's 10 and RESISC45's 45 class folders are always written whole,
+    since their class names are fixed by folder name. The same arguments give identical files.
+    """
+    from . import task_suites as ts
+
+    if name not in TASK_STANDINS:
+        lookup(ts.TASKS, "task", name)  # unknown task: the registry's error
+        raise ParameterValueError(
+            f"no stand-in for {name}: torchvision checks the MD5 sums of its real files; stand-ins exist for "
+            f"{', '.join(TASK_STANDINS)}")
+    if images_per_class < 1 or n_classes < 1:
+        raise ParameterValueError(f"images_per_class and n_classes must be at least 1, got {images_per_class}, {n_classes}")
+    root = Path(root)
+    task_index = ts.TASK_ORDER.index(name)
+
+    def image(label: int, split: int, item: int) -> Image.Image:
+        return standin_image(label, task_index, (seed, task_index, label, split, item), (image_size, image_size))
+
+    def folder_tree(base: Path, splits: Sequence[str], folders: Sequence[str], suffix: str = ".jpg") -> dict[str, list[str]]:
+        written: dict[str, list[str]] = {split: [] for split in splits}
+        for s, split in enumerate(splits):
+            for label, folder in enumerate(folders):
+                for item in range(images_per_class):
+                    file = f"{folder}_{split}_{item:03d}{suffix}"
+                    path = base / split / folder / file if split else base / folder / file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image(label, s, item).save(path)
+                    written[split].append(file)
+        return written
+
+    if name in _IDX_FILES:
+        if n_classes > 10:
+            raise ParameterValueError(f"{name} has 10 classes; n_classes must be at most 10, got {n_classes}")
+        raw, train_prefix, test_prefix = _IDX_FILES[name]
+        for s, prefix in enumerate((train_prefix, test_prefix)):
+            labels = np.repeat(np.arange(n_classes), images_per_class)
+            pixels = np.stack([np.asarray(image(int(label), s, item).convert("L").resize((28, 28)))
+                               for item, label in enumerate(labels)])
+            _write_idx(root / raw / f"{prefix}-images-idx3-ubyte", pixels)
+            _write_idx(root / raw / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    elif name == "DTD":
+        folder_tree(root / "dtd", ("train", "val"), [f"texture_{i:02d}" for i in range(n_classes)])
+    elif name == "SUN397":
+        folder_tree(root / "sun397", ("train", "val"), [f"s_scene_{i:03d}" for i in range(n_classes)])
+    elif name == "EuroSAT":
+        folder_tree(root / "EuroSAT_splits", ("train", "val", "test"), sorted(ts.EUROSAT_FOLDER_TO_CLASSNAME))
+    elif name == "RESISC45":
+        folders = [c.replace(" ", "_") for c in ts.RESISC45_CLASSNAMES]
+        lists = {"train": [], "val": [], "test": []}
+        base = root / "resisc45"
+        for s, split in enumerate(lists):
+            for label, folder in enumerate(folders):
+                for item in range(images_per_class):
+                    file = f"{folder}_{s * images_per_class + item + 1}.jpg"  # NWPU names: {class}_{n}.jpg
+                    path = base / "NWPU-RESISC45" / folder / file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image(label, s, item).save(path)
+                    lists[split].append(file)
+        for split, files in lists.items():
+            (base / f"resisc45-{split}.txt").write_text("\n".join(files) + "\n")
+    elif name == "GTSRB":
+        if n_classes > 43:
+            raise ParameterValueError(f"GTSRB has 43 classes; n_classes must be at most 43, got {n_classes}")
+        base = root / "gtsrb"
+        folder_tree(base / "GTSRB" / "Training", ("",), [f"{i:05d}" for i in range(n_classes)], ".ppm")
+        rows = []
+        for label in range(n_classes):
+            for item in range(images_per_class):
+                file = f"{len(rows):05d}.ppm"
+                path = base / "GTSRB" / "Final_Test" / "Images" / file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image(label, 1, item).save(path)
+                rows.append(f"{file};{image_size};{image_size};0;0;{image_size - 1};{image_size - 1};{label}")
+        header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+        (base / "GT-final_test.csv").write_text("\n".join([header, *rows]) + "\n")
+    else:  # Cars: torchvision's StanfordCars reads the devkit's .mat files
+        from scipy.io import savemat
+
+        base = root / "stanford_cars"
+        (base / "devkit").mkdir(parents=True, exist_ok=True)
+        savemat(base / "devkit" / "cars_meta.mat",
+                {"class_names": np.array([f"Make_{i:03d} Model {2000 + i}" for i in range(n_classes)], dtype=object)})
+        for s, (folder, annotations) in enumerate((("cars_train", base / "devkit" / "cars_train_annos.mat"),
+                                                   ("cars_test", base / "cars_test_annos_withlabels.mat"))):
+            records = []
+            for label in range(n_classes):
+                for item in range(images_per_class):
+                    file = f"{len(records) + 1:05d}.jpg"
+                    path = base / folder / file
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image(label, s, item).save(path)
+                    records.append((file, label + 1))  # the devkit's classes count from 1
+            table = np.array(records, dtype=[("fname", object), ("class", object)])
+            savemat(annotations, {"annotations": table})
+    return root
