@@ -20,7 +20,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .errors import BackboneUnavailableError, lookup
+from .errors import BackboneUnavailableError, CorruptCheckpointError, ParameterValueError, lookup
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 
@@ -145,18 +145,36 @@ def create_clip(name: str, *, weights: str | Path | None = "published", device: 
         if state_path.suffix != ".safetensors":
             pretrained = str(state_path)  # open_clip loads its own checkpoint formats (weights_only)
             state_path = None
+    downloading = pretrained is not None and pretrained == spec.pretrained_tag
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             spec.open_clip_name, pretrained=pretrained, device=device
         )
-    except RuntimeError as error:
-        if pretrained is not None and "download" in str(error).lower():
-            raise BackboneUnavailableError(f"could not obtain the weights of backbone {name!r}: {error}") from error
+    except (RuntimeError, OSError) as error:  # ConnectionError and timeouts are OSErrors
+        if downloading:
+            raise BackboneUnavailableError(
+                f"could not obtain the {spec.pretrained_tag!r} weights of backbone {name!r} (the download failed or "
+                f"was interrupted: {error}). Run again: the Hugging Face cache keeps only complete files and resumes "
+                "a partial download."
+            ) from error
+        if pretrained is not None:  # a local open_clip checkpoint that does not load
+            raise CorruptCheckpointError(f"weights file {pretrained} for backbone {name!r} cannot be read ({error}); "
+                                         "it may be truncated by an interrupted download or copy") from error
         raise
     if state_path is not None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(state_path, device=str(device)))
+        try:
+            state = load_file(state_path, device=str(device))
+        except (SafetensorError, OSError) as error:
+            raise CorruptCheckpointError(f"weights file {state_path} for backbone {name!r} cannot be read ({error}); "
+                                         "it may be truncated by an interrupted download or copy") from error
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ParameterValueError(f"weights file {state_path} does not fit backbone {name!r} (another "
+                                      f"architecture?): {str(error).splitlines()[0]} ...") from error
     return Clip(spec, model, open_clip.get_tokenizer(spec.open_clip_name), preprocess_train, preprocess_val)
 
 

@@ -75,3 +75,40 @@ def test_preprocessing_rejects_float_images():
     clip = create_clip("tiny-clip", weights=None)
     with pytest.raises(ValueError, match="uint8"):
         batch_to_model_input(torch.zeros(1, 3, 32, 32), clip)
+
+
+def test_a_failed_or_interrupted_download_is_reported_with_the_remedy(monkeypatch):
+    import open_clip
+
+    from mergelib import backbones
+
+    monkeypatch.setattr(backbones, "_cached_hub_weights", lambda spec: None)
+    monkeypatch.setattr(backbones, "_hub_reachable", lambda timeout=3.0: True)
+
+    def reset(*args, **kwargs):
+        raise ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", reset)
+    with pytest.raises(BackboneUnavailableError, match="interrupted.*Run again"):
+        create_clip("ViT-B-32")
+
+
+def test_truncated_or_foreign_weights_files_are_named_in_the_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelib.errors import CorruptCheckpointError, ParameterValueError
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in create_clip("tiny-clip", weights=None).model.state_dict().items()}
+    whole = tmp_path / "tiny.safetensors"
+    save_file(state, str(whole))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(CorruptCheckpointError, match="truncated.safetensors.*interrupted"):
+        create_clip("tiny-clip", weights=truncated)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({**state, "visual.conv1.weight": torch.zeros(3, 3, 3, 3)}, str(foreign))
+    with pytest.raises(ParameterValueError, match="does not fit backbone 'tiny-clip'"):
+        create_clip("tiny-clip", weights=foreign)
+    assert torch.equal(create_clip("tiny-clip", weights=whole).model.state_dict()["visual.conv1.weight"],
+                       state["visual.conv1.weight"])
