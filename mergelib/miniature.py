@@ -17,7 +17,7 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -342,16 +342,17 @@ def esm_fold_parameters(subspaces: Mapping[str, dict]) -> dict[str, Any]:
     return {"esm": lambda sources: {"subspaces": [subspaces[s] for s in sources]}}
 
 
-def leave_one_domain_out(
-    prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
-    *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """SCORE's leave-one-domain-out protocol on prepared domain experts, cached by everything it
-    depends on (experts, data, methods, coefficients, proxies, code): results and expert matrix."""
+def _cached_protocol(
+    prepared: Experts, protocol: str, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]],
+    esm_proxy_count: int | None, esm_proxy_source: str, evaluate: Callable[..., tuple[pd.DataFrame, ...]],
+) -> tuple[pd.DataFrame, ...]:
+    """Run ``evaluate(evaluator, per_method, fold_parameters)`` cached by everything a protocol's
+    tables depend on: the experts, data and code (:meth:`Experts.result_key`), the methods and
+    their coefficients, and ESM's proxy images when a method needs them."""
     config = prepared.config
     count = config.esm_proxy_count if esm_proxy_count is None else esm_proxy_count
     per_method = {m: tuple(coefficients[m] if isinstance(coefficients, Mapping) else coefficients) for m in methods}
-    key = {"protocol": "leave-one-domain-out", **prepared.result_key(), "methods": per_method,
+    key = {"protocol": protocol, **prepared.result_key(), "methods": per_method,
            "esm_proxies": [count, esm_proxy_source, config.seed] if any(map(needs_essential_subspaces, methods)) else None}
 
     def compute():
@@ -359,12 +360,25 @@ def leave_one_domain_out(
         if key["esm_proxies"]:
             fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
         evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
-        head = prepared.heads[prepared.names[0]]
-        return evaluate_leave_one_domain_out(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
-                                             head, prepared.test, methods, per_method, fold_parameters=fold,
-                                             progress=progress)
+        return evaluate(evaluator, per_method, fold)
 
     return cached_tables(_cache_dir(config) / "results", key, compute)
+
+
+def leave_one_domain_out(
+    prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
+    *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SCORE's leave-one-domain-out protocol on prepared domain experts, cached by everything it
+    depends on (experts, data, methods, coefficients, proxies, code): results and expert matrix."""
+
+    def evaluate(evaluator, per_method, fold):
+        return evaluate_leave_one_domain_out(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
+                                             prepared.heads[prepared.names[0]], prepared.test, methods, per_method,
+                                             fold_parameters=fold, progress=progress)
+
+    return _cached_protocol(prepared, "leave-one-domain-out", methods, coefficients, esm_proxy_count, esm_proxy_source,
+                            evaluate)
 
 
 def multitask(
@@ -373,22 +387,13 @@ def multitask(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The multi-task protocol (all task experts merged, evaluated on every task with its head),
     cached like :func:`leave_one_domain_out`: results and per-task reference accuracies."""
-    config = prepared.config
-    count = config.esm_proxy_count if esm_proxy_count is None else esm_proxy_count
-    per_method = {m: tuple(coefficients[m] if isinstance(coefficients, Mapping) else coefficients) for m in methods}
-    key = {"protocol": "multi-task", **prepared.result_key(), "methods": per_method,
-           "esm_proxies": [count, esm_proxy_source, config.seed] if any(map(needs_essential_subspaces, methods)) else None}
 
-    def compute():
-        fold = {}
-        if key["esm_proxies"]:
-            fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
-        evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
+    def evaluate(evaluator, per_method, fold):
         return evaluate_multitask(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
                                   prepared.heads, prepared.test, methods, per_method, fold_parameters=fold,
                                   val_sets=prepared.val or None, progress=progress)
 
-    return cached_tables(_cache_dir(config) / "results", key, compute)
+    return _cached_protocol(prepared, "multi-task", methods, coefficients, esm_proxy_count, esm_proxy_source, evaluate)
 
 
 @dataclass
