@@ -5,7 +5,7 @@ Job kinds (registered on import; submitit workers import this module):
 * ``dg-finetune``: one expert of SCORE's leave-one-domain-out benchmark, per (backbone, dataset,
   domain), with :meth:`mergelib.replication.DGExperiment.finetune_expert`;
 * ``dg-fold``: one held-out domain, after every expert of its (backbone, dataset) is done: the
-  merges of the other domains' experts and the baselines, with :meth:`DGExperiment.evaluate`;
+  merges of the other domains' experts and the baselines, with :meth:`mergelib.replication.DGExperiment.evaluate`;
 * ``dg-collect``: per (backbone, dataset), after its folds: the result store that
   :func:`mergelib.replication.run_domain_generalization` writes (one CSV per method,
   ``matrix.csv``, ``provenance.json``), which the book's results chapter reads;

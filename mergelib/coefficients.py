@@ -61,9 +61,9 @@ __all__ = [
 Metrics = Mapping[str, float]
 Evaluate = Callable[[float], Metrics]
 
-#: TSV-M / Iso grid as released: ``numpy.linspace(0, 3, 31)[1:]`` (0.1 ... 3.0, numpy's floats).
+#: The grid of TSV-M and Iso as released, ``numpy.linspace(0, 3, 31)[1:]`` (0.1 ... 3.0, numpy's floats).
 TSV_GRID: tuple[float, ...] = tuple(float(a) for a in np.linspace(0.0, 3.0, 31)[1:])
-#: Task Arithmetic and other baselines in the TSV code: ``numpy.linspace(0, 1, 11)[1:]``.
+#: The grid of Task Arithmetic and the other baselines in the TSV code, ``numpy.linspace(0, 1, 11)[1:]``.
 TASK_ARITHMETIC_GRID: tuple[float, ...] = tuple(float(a) for a in np.linspace(0.0, 1.0, 11)[1:])
 #: Iso's early-stopping patience (consecutive alphas without a strictly better absolute accuracy).
 ISO_EARLY_STOP_PATIENCE = 3

@@ -408,7 +408,7 @@ def finetune_task_expert(
     unless a valid one is cached; return its manifest.
 
     The recipe is SCORE's and TALL's (AdamW lr 1e-5, wd 0.1, batch 128, 500 warm-up steps, cosine,
-    clip 1.0) with the task's released epochs (:attr:`TaskDatasetSpec.epochs`; ``epochs``
+    clip 1.0) with the task's released epochs (``TaskDatasetSpec.epochs``; ``epochs``
     overrides), on the TALL *training* part (90 % of train, capped validation), with the frozen
     zero-shot head of the task's templates. The released task code sets no seed; we use the
     recipe's seed 5. Writes ``{experts_dir}/{backbone}/{task}.safetensors``, the layout of

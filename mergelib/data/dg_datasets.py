@@ -447,7 +447,7 @@ def domain_classnames(dataset: str | DGDatasetSpec, root: str | Path, domain: st
 
 def load_domain(dataset: str | DGDatasetSpec, root: str | Path, domain: str, split: str, *,
                 retina_classes: int = 4, pacs_test: str = "whole_domain") -> ImageFileSet:
-    """One domain's ``"train"`` or ``"test"`` split as an :class:`ImageFileSet` named ``dataset/domain/split``.
+    """One domain's ``"train"`` or ``"test"`` split as an :class:`~mergelib.data.files.ImageFileSet` named ``dataset/domain/split``.
 
     ``classnames`` are the prompt names in label order (:func:`domain_classnames`).
     ``retina_classes`` (RetinaDomains only): 4 drops the Moderate grade as the released code does,

@@ -2,9 +2,9 @@
 
 An :class:`ImageFileSet` is what the registry of :mod:`mergelib.data.dg_datasets` returns
 (:mod:`mergelib.data.task_suites` returns torchvision datasets, which evaluation also accepts): paths, integer labels and class names, with no pixels
-read yet. It becomes a torch ``Dataset`` through :meth:`ImageFileSet.with_transform`, which reads
+read yet. It becomes a torch ``Dataset`` through ``ImageFileSet.with_transform``, which reads
 each image with PIL, converts it to RGB and applies a transform (open_clip's train or validation
-preprocessing). The miniature's :class:`~mergelib.data.ImageSet` holds pixels in memory instead;
+preprocessing). The miniature's ``ImageSet`` holds pixels in memory instead;
 evaluation and fine-tuning accept either.
 """
 

@@ -99,8 +99,8 @@ TALL_VAL_FRACTION = 0.1
 TALL_VAL_CAP = 5000
 TALL_VAL_SEED = 0
 
-#: [C] per repository: whether EMNIST images are rotated by -90 degrees and flipped horizontally
-#: after preprocessing (ESM and tall_masks read by us; TSV and Iso per our reference notes).
+#: Whether EMNIST images are rotated by -90 degrees and flipped horizontally
+#: after preprocessing, per repository (ESM and tall_masks read by us; TSV and Iso per our reference notes).
 EMNIST_ROTATE_FLIP_BY_REPO = {"tall_masks": False, "iso-merging": False, "task_singular_vectors": True, "ESM": True}
 
 
@@ -233,7 +233,7 @@ EUROSAT_FOLDER_TO_CLASSNAME = {
 
 PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")
 
-#: The released FER2013 class names: synonym lists, in label order.
+#: The released FER2013 class names, synonym lists in label order.
 FER2013_CLASS_SYNONYMS = (
     ("angry",), ("disgusted",), ("fearful",), ("happy", "smiling"), ("sad", "depressed"),
     ("surprised", "shocked", "spooked"), ("neutral", "bored"),
@@ -338,7 +338,7 @@ class TaskDatasetSpec:
 
     @property
     def finetuned_accuracies(self) -> dict[str, dict[str, float]]:
-        """Published fine-tuned accuracies (fractions): backbone -> {"test": ..., "val": ...}."""
+        """The published fine-tuned accuracies as fractions, ``{backbone: {"test": ..., "val": ...}}``."""
         return {b: {s: published_finetuned_accuracy(b, self.name, s) for s in ("test", "val")} for b in BACKBONES}
 
 
@@ -603,7 +603,7 @@ def load_task(
     "train" and "val" are the two parts of :func:`tall_validation_split` of the official train
     split (``Subset`` objects), except EuroSAT (full ``EuroSAT_splits/train`` and the ``val``
     folder). "test" is the official test split. ``download`` is off by default (offline
-    machines); a missing dataset raises :class:`DataLayoutError` naming the expected folder and
+    machines); a missing dataset raises :class:`~mergelib.data.files.DataLayoutError` naming the expected folder and
     how to get it. ``emnist_rotate_flip`` applies TSV/ESM's EMNIST orientation fix after
     ``transform`` (EMNIST only; ignored for the other tasks).
     """
