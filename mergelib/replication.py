@@ -275,8 +275,11 @@ def prepare_dg_experiment(
     loader_options: Mapping[str, Any] | None = None,
 ) -> DGExperiment:
     """Load the backbone and the dataset's domains (file lists; no pixels read) for a
-    :class:`DGExperiment`. The arguments are those of :func:`run_domain_generalization`; a
-    fine-tuning job may name a single domain, the evaluation needs at least two."""
+    :class:`DGExperiment`. ``domains``: some of the dataset's (kept in the released order; a
+    fine-tuning job may name a single one, the evaluation needs at least two); ``weights``: for
+    :func:`mergelib.backbones.create_clip`; ``epochs``: overrides the dataset's released count;
+    ``finetune_overrides``: other fields of the recipe (:func:`paper_recipe`); ``loader_options``:
+    for :func:`mergelib.data.dg_datasets.load_domain`."""
     from .data.dg_datasets import get_dg_dataset, load_domain
 
     spec = get_dg_dataset(dataset)
@@ -311,37 +314,25 @@ def run_domain_generalization(
     checkpoint_dir: str | Path,
     results_dir: str | Path,
     methods: Sequence[str | MethodSpec] = PAPER_DG_METHODS,
-    domains: Sequence[str] | None = None,
-    weights: str | Path | None = "published",
-    device: str = "auto",
-    precision: str = "fp32",
-    epochs: int | None = None,
-    batch_size: int = 128,
-    accumulation_steps: int = 1,
-    num_workers: int = 4,
-    eval_batch_size: int = 128,
-    esm_proxy_count: int = 32,
-    finetune_overrides: Mapping[str, Any] | None = None,
-    loader_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """SCORE's leave-one-domain-out experiment for one backbone and dataset.
 
     Fine-tunes (or reuses from ``checkpoint_dir``) one expert per domain, evaluates every method
     at coefficient 1 plus the baselines, writes
     ``results_dir/{backbone}/domain_generalization/{dataset}/{method}.csv`` and returns the results
-    and the expert-by-domain accuracy matrix. ``weights`` is passed to
-    :func:`mergelib.backbones.create_clip` (a path for local weights, ``None`` for a random
-    initialisation, which only tests use). ``epochs`` overrides the dataset's released count;
-    ``domains`` restricts the run to some of the dataset's domains (kept in the released order).
+    and the expert-by-domain accuracy matrix. ``options`` are those of
+    :func:`prepare_dg_experiment`: ``domains`` (some of the dataset's, kept in the released order),
+    ``weights`` (passed to :func:`mergelib.backbones.create_clip`: ``"published"``, a path for
+    local weights, or ``None`` for a random initialisation, which only tests use), ``device``,
+    ``precision``, ``epochs`` (overrides the dataset's released count), ``batch_size``,
+    ``accumulation_steps``, ``num_workers``, ``eval_batch_size``, ``esm_proxy_count``,
+    ``finetune_overrides`` and ``loader_options``.
     """
     started = git_state()
     clock = time.perf_counter()
-    experiment = prepare_dg_experiment(
-        backbone, dataset, data_root=data_root, checkpoint_dir=checkpoint_dir, domains=domains, weights=weights,
-        device=device, precision=precision, epochs=epochs, batch_size=batch_size, accumulation_steps=accumulation_steps,
-        num_workers=num_workers, eval_batch_size=eval_batch_size, esm_proxy_count=esm_proxy_count,
-        finetune_overrides=finetune_overrides, loader_options=loader_options)
+    experiment = prepare_dg_experiment(backbone, dataset, data_root=data_root, checkpoint_dir=checkpoint_dir, **options)
     timings = {"load backbone and data": time.perf_counter() - clock}
     clock = time.perf_counter()
     manifests = {d: experiment.finetune_expert(d, progress=progress) for d in experiment.domains}
