@@ -32,7 +32,7 @@ import pandas as pd
 
 from .checkpoints import atomic_write
 from .errors import ParameterValueError
-from .sweep import Job, plan_sweep, register_job_kind
+from .sweep import Job, check_job_params, plan_sweep, register_job_kind
 
 #: Options of the leave-one-domain-out jobs (keyword arguments of prepare_dg_experiment).
 DG_OPTIONS = ("weights", "device", "precision", "epochs", "batch_size", "accumulation_steps", "num_workers",
@@ -43,14 +43,6 @@ MT_FINETUNE_OPTIONS = ("weights", "device", "precision", "epochs", "batch_size",
 #: Options of the multi-task merge jobs (keyword arguments of run_multitask).
 MT_MERGE_OPTIONS = ("weights", "device", "precision", "eval_batch_size", "num_workers", "esm_proxy_count",
                     "emnist_rotate_flip", "normalize_with")
-
-
-def _check_keys(kind: str, params: Mapping[str, Any], required: Sequence[str], optional: Sequence[str]) -> None:
-    missing = sorted(set(required) - set(params))
-    unknown = sorted(set(params) - set(required) - set(optional))
-    if missing or unknown:
-        raise ParameterValueError(f"{kind} job: missing parameters {missing}, unknown parameters {unknown}; "
-                                  f"required: {', '.join(required)}; optional: {', '.join(optional)}")
 
 
 def _options(params: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -81,7 +73,7 @@ def _experiment(params: Mapping[str, Any], domains: Sequence[str] | None):
 @register_job_kind("dg-finetune")
 def dg_finetune_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Fine-tune (or find cached) the expert of ``params["domain"]``; outputs its file and hash."""
-    _check_keys("dg-finetune", params, (*_DG_BASE, "domain"), DG_OPTIONS)
+    check_job_params("dg-finetune", params, (*_DG_BASE, "domain"), DG_OPTIONS)
     experiment = _experiment(params, [params["domain"]])
     manifest = experiment.finetune_expert(params["domain"], progress=False)
     return {"expert": str(experiment.expert_path(params["domain"]).resolve()), "sha256": manifest["sha256"],
@@ -92,7 +84,7 @@ def dg_finetune_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def dg_fold_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Evaluate held-out domain ``params["held_out"]`` (merges of the other ``domains``' experts
     with ``methods``, and the baselines); writes ``results.csv`` and ``matrix.csv``."""
-    _check_keys("dg-fold", params, (*_DG_BASE, "domains", "held_out", "methods"), DG_OPTIONS)
+    check_job_params("dg-fold", params, (*_DG_BASE, "domains", "held_out", "methods"), DG_OPTIONS)
     experiment = _experiment(params, params["domains"])
     results, matrix, timings = experiment.evaluate(params["methods"], held_out=[params["held_out"]], progress=False)
     paths = {name: Path(workdir) / f"{name}.csv" for name in ("results", "matrix")}
@@ -108,7 +100,7 @@ def dg_collect_job(params: dict[str, Any], workdir: Path, *, inputs: Mapping[str
     row order of :func:`mergelib.replication.run_domain_generalization`."""
     from .provenance import git_state
 
-    _check_keys("dg-collect", params, (*_DG_BASE, "domains", "methods", "results_dir"), DG_OPTIONS)
+    check_job_params("dg-collect", params, (*_DG_BASE, "domains", "methods", "results_dir"), DG_OPTIONS)
     experiment = _experiment(params, params["domains"])
     folds = {r["params"]["held_out"]: r for r in inputs.values() if r["kind"] == "dg-fold"}
     missing = [d for d in experiment.domains if d not in folds]
@@ -183,7 +175,7 @@ def mt_finetune_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     from .methods.common import resolve_device
     from .replication import finetune_task_expert
 
-    _check_keys("mt-finetune", params, ("backbone", "task", "data_root", "experts_dir"), MT_FINETUNE_OPTIONS)
+    check_job_params("mt-finetune", params, ("backbone", "task", "data_root", "experts_dir"), MT_FINETUNE_OPTIONS)
     options = _options(params, MT_FINETUNE_OPTIONS)
     device = resolve_device(options.pop("device", "auto"))
     clip = create_clip(params["backbone"], weights=options.pop("weights", "published"), device=device)
@@ -200,7 +192,7 @@ def mt_merge_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     ``{method}.provenance.json`` into the result store."""
     from .replication import method_file_name, run_multitask
 
-    _check_keys("mt-merge", params, ("backbone", "tasks", "method", "data_root", "experts_dir", "results_dir"),
+    check_job_params("mt-merge", params, ("backbone", "tasks", "method", "data_root", "experts_dir", "results_dir"),
                 MT_MERGE_OPTIONS)
     label = params["method"]
     results = run_multitask(params["backbone"], params["tasks"], data_root=params["data_root"],

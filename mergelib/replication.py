@@ -26,7 +26,6 @@ The same code runs the miniature's ``tiny-clip`` on the generated stand-in folde
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import OrderedDict
@@ -38,7 +37,7 @@ import pandas as pd
 import torch
 
 from .backbones import Clip, create_clip
-from .checkpoints import atomic_write, cached_state, config_hash, load_state
+from .checkpoints import atomic_write, cached_state, config_hash, load_state, manifest_path
 from .data.files import ImageFileSet
 from .dg import evaluate_leave_one_domain_out
 from .evaluation import EncoderEvaluator
@@ -48,7 +47,8 @@ from .methods import MethodSpec, parse_method_spec
 from .methods.common import resolve_device
 from .methods.esm import needs_essential_subspaces
 from .provenance import git_state, provenance, write_json
-from .task_vectors import StateDict, encoder_state, task_vector
+from .errors import CorruptCheckpointError
+from .task_vectors import PREFIX, StateDict, encoder_state, task_vector
 
 #: The methods of SCORE's comparison (its README's list plus SCORE and weight averaging).
 PAPER_DG_METHODS = ("weight_average", "task_arithmetic", "ties", "magmax", "pcb", "iso_c", "iso_cts", "tsv_m", "score")
@@ -207,7 +207,7 @@ class DGExperiment:
         domains, and timings."""
         timings: dict[str, float] = {}
         experts = LazyStates(self.domains, self.load_expert, keep=2)
-        vectors = LazyStates(self.domains, lambda d: task_vector(self.load_expert(d), self.pretrained), keep=len(self.domains))
+        vectors = LazyStates(self.domains, lambda d: task_vector(experts[d], self.pretrained), keep=len(self.domains))
         specs = _method_specs(methods, self.spec.trim_divide_by_tasks)
         folds = self.domains if held_out is None else list(held_out)
         for domain in folds:
@@ -411,22 +411,23 @@ def finetune_task_expert(
 
     spec = lookup(TASKS, "task", task)
     backbone = clip.spec.name
-    torch_device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    torch_device = resolve_device(device)
     loaded = load_task(task, data_root, "train", transform=clip.preprocess_train, emnist_rotate_flip=emnist_rotate_flip)
     recipe = paper_recipe(spec.epochs if epochs is None else epochs, precision=precision, batch_size=batch_size,
                           accumulation_steps=accumulation_steps, **dict(finetune_overrides or {}))
-    pretrained_id = _pretrained_id(encoder_state(clip.model.visual))
+    pretrained_id = _pretrained_id({PREFIX + k: v for k, v in clip.model.visual.state_dict().items()})  # no copy
     key = config_hash({"backbone": backbone, "pretrained": pretrained_id, "task": task,
                        "data": task_split_fingerprint(task, loaded.dataset, loaded.classnames),
                        "templates": list(spec.templates), "finetune": recipe.as_dict(),
                        "emnist_rotate_flip": bool(emnist_rotate_flip and task == "EMNIST")})
     path = Path(experts_dir) / backbone / f"{task}.safetensors"
-    existing = path.with_suffix(".json")
-    if existing.is_file():
+    if manifest_path(path).is_file():
+        from .importers import load_manifest
+
         try:
-            kind = json.loads(existing.read_text()).get("kind")
-        except ValueError:
-            kind = None
+            kind = load_manifest(path).get("kind")
+        except CorruptCheckpointError:
+            kind = None  # an unreadable manifest: cached_state reports and rebuilds it
         if kind == "imported_checkpoint":
             raise FileExistsError(f"{path} is an imported checkpoint; fine-tune into another experts_dir, or delete it first")
 
@@ -526,10 +527,10 @@ def run_multitask(
     folder = Path(experts_dir) / backbone
     zeroshot = folder / "zeroshot.safetensors"
     pretrained = load_imported(zeroshot, backbone)[0] if zeroshot.exists() else encoder_state(clip.model.visual)
-    loaded = {t: load_imported(folder / f"{t}.safetensors", backbone) for t in names}
-    experts = {t: state for t, (state, _) in loaded.items()}
+    imported = {t: load_imported(folder / f"{t}.safetensors", backbone) for t in names}
+    experts = {t: state for t, (state, _) in imported.items()}
     current = _pretrained_id(pretrained)
-    foreign = [t for t, (_, manifest) in loaded.items() if manifest.get("pretrained_id", current) != current]
+    foreign = [t for t, (_, manifest) in imported.items() if manifest.get("pretrained_id", current) != current]
     if foreign:
         raise CheckpointMismatchError(
             f"the experts of {foreign} were fine-tuned from other pretrained weights than {weights!r} "

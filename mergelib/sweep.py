@@ -731,6 +731,15 @@ def sweep_results(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame
 # --------------------------------------------------------------------------- built-in kinds
 
 
+def check_job_params(kind: str, params: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """Raise a :class:`ParameterValueError` naming the unknown and the missing parameters of a job."""
+    required, valid = set(required), set(required) | set(optional)
+    unknown, missing = sorted(set(params) - valid), sorted(required - set(params))
+    if unknown or missing:
+        raise ParameterValueError(f"{kind} job: unknown parameters {unknown}, missing {missing}; "
+                                  f"valid parameters: {', '.join(sorted(valid))}")
+
+
 MERGE_FILES_PARAMETERS = {"method", "pretrained", "experts", "parameters", "alpha", "prefix", "device"}
 
 
@@ -749,13 +758,7 @@ def merge_files_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """
     from .merge_files import load_safetensors, merge_checkpoint_files
 
-    unknown = sorted(set(params) - MERGE_FILES_PARAMETERS)
-    missing = sorted({"method", "pretrained", "experts"} - set(params))
-    if unknown or missing:
-        raise ParameterValueError(
-            f"merge-files job: unknown parameters {unknown}, missing {missing}; "
-            f"valid parameters: {', '.join(sorted(MERGE_FILES_PARAMETERS))}"
-        )
+    check_job_params("merge-files", params, ("method", "pretrained", "experts"), MERGE_FILES_PARAMETERS)
     experts = params["experts"]
     if isinstance(experts, str) or not experts:
         raise ParameterValueError(f"merge-files job: 'experts' must be a non-empty list of paths, got {experts!r}")
