@@ -32,6 +32,7 @@ from .errors import ParameterValueError, lookup
 from .evaluation import PRECISIONS
 from .finetune import PAPER_FINETUNE, FinetuneConfig, TrainingStep
 from .heads import ClassificationHead
+from .methods.common import resolve_device
 
 #: What the result says about peak memory where it is not measured.
 CPU_MEMORY_NOTE = "not measured on the CPU (torch.cuda.max_memory_allocated exists only on CUDA)"
@@ -39,10 +40,8 @@ CPU_MEMORY_NOTE = "not measured on the CPU (torch.cuda.max_memory_allocated exis
 
 def resolve_benchmark_device(device: str | torch.device | None) -> torch.device:
     """``"auto"``/``None``: CUDA when available, else the CPU; a clear error for CUDA without CUDA."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        resolved = torch.device(device)
+        resolved = resolve_device(device)
     except (RuntimeError, TypeError) as error:
         raise ParameterValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto ({error})") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():

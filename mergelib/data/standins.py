@@ -256,8 +256,8 @@ def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4,
         (base / "devkit").mkdir(parents=True, exist_ok=True)
         savemat(base / "devkit" / "cars_meta.mat",
                 {"class_names": np.array([f"Make_{i:03d} Model {2000 + i}" for i in range(n_classes)], dtype=object)})
-        for s, (folder, annotations) in enumerate((("cars_train", base / "devkit" / "cars_train_annos.mat"),
-                                                   ("cars_test", base / "cars_test_annos_withlabels.mat"))):
+        for s, (folder, annotations_file) in enumerate((("cars_train", base / "devkit" / "cars_train_annos.mat"),
+                                                        ("cars_test", base / "cars_test_annos_withlabels.mat"))):
             records = []
             for label in range(n_classes):
                 for item in range(images_per_class):
@@ -267,5 +267,5 @@ def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4,
                     image(label, s, item).save(path)
                     records.append((file, label + 1))  # the devkit's classes count from 1
             table = np.array(records, dtype=[("fname", object), ("class", object)])
-            savemat(annotations, {"annotations": table})
+            savemat(annotations_file, {"annotations": table})
     return root
