@@ -1,7 +1,6 @@
 """Import public fine-tuned CLIP image encoders into mergelib's safetensors checkpoints, once.
 
-Formats read (facts from the released code and model cards; see
-``shared/reference/tsv-iso-esm.md`` §0.2, §0.5 and ``score.md`` §3.1):
+Formats read (facts from the released code and the model cards of the repositories below):
 
 * **task_vectors lineage** (Ilharco et al., arXiv 2212.04089; tall_masks, arXiv 2405.07813; TSV,
   arXiv 2412.00081; Iso, arXiv 2502.04959; ESM, arXiv 2602.20208; SCORE, arXiv 2603.05768). Their checkpoints are

@@ -1,10 +1,10 @@
 """The papers' own numbers, as data, each with its source, for the book's results chapter.
 
 These are the only numbers in the book that were not computed by this project's code. They are
-quoted from our reference notes (``shared/reference/score.md`` §10 and ``tsv-iso-esm.md`` §3.8
-and §4), which give where each came from: SCORE's and ESM's CVPR texts were only available
-through secondary notes ("paper-2nd"), TSV's and Iso's tables from the papers, ESM's code-era
-table from its repository's README. A cell the notes do not have is absent, never guessed.
+quoted with their source (the ``*_SOURCE`` strings below, shown beside every table in the book):
+SCORE's and ESM's CVPR texts were only available through secondary notes on the papers, TSV's
+and Iso's tables come from the papers, ESM's code-era table from its repository's README. A cell
+that no source gives is absent, never guessed.
 
 Accuracies are percentages. Domain generalization: the average over SCORE's eight benchmarks of
 the leave-one-domain-out accuracy (balanced accuracy on FedISIC and RetinaDomains). Multi-task:

@@ -1,6 +1,7 @@
 """Subspace analyses (SAR, spectra, SCORE's projected matrices, TSV's STI): properties and parity
-with straightforward implementations written here from ``shared/reference`` (score.md §6.9 and §8,
-tsv-iso-esm.md §1.1), in float64 with numpy so that the comparison is independent of mergelib."""
+with straightforward implementations written here from the papers' definitions (SCORE's SAR and
+projected matrices, arXiv 2603.05768; TSV's singular task interference, arXiv 2412.00081), in
+float64 with numpy so that the comparison is independent of mergelib."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The SVD family (TSV-M, Iso-C, Iso-CTS, SCORE): properties and parity with straightforward
-implementations written here from the descriptions in ``shared/reference`` (score.md §6,
-tsv-iso-esm.md §1-2), in float64 so that parity is not blurred by float32 round-off."""
+implementations written here from the papers and their released code as described in each
+method's module docstring (SCORE, arXiv 2603.05768; TSV-M, arXiv 2412.00081; Iso, arXiv
+2502.04959), in float64 so that parity is not blurred by float32 round-off."""
 
 from __future__ import annotations
 
