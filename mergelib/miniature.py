@@ -66,7 +66,9 @@ class MiniatureConfig:
 
     backbone: str = "tiny-clip"
     domains: tuple[str, ...] = DEFAULT_DOMAINS
-    seed: int = 0
+    seed: int = 0  # the data's draw; the pretraining and fine-tuning seeds are offset by it
+    finetune_seed: int = MINIATURE_FINETUNE.seed  # fine-tuning's initial state and data order (plus seed)
+    pretrain_seed: int = 0  # the tiny CLIP's pretraining (plus seed)
     epochs: int = 3
     methods: tuple[str, ...] = ALL_METHODS  # specs: "score" or "score[keep=diagonal]"; evaluated at lambda = 1
     sweep_methods: tuple[str, ...] = ("weight_average", "task_arithmetic")  # also evaluated at every coefficient
@@ -129,7 +131,7 @@ class MiniatureConfig:
     @property
     def finetune(self) -> FinetuneConfig:
         return replace(MINIATURE_FINETUNE, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                       warmup_steps=self.warmup_steps, seed=MINIATURE_FINETUNE.seed + self.seed)
+                       warmup_steps=self.warmup_steps, seed=self.finetune_seed + self.seed)
 
     @property
     def task_finetune(self) -> FinetuneConfig:
@@ -140,7 +142,7 @@ class MiniatureConfig:
     def pretrain(self) -> PretrainConfig:
         return PretrainConfig(pool_domains=self.pretrain_domains, n_per_domain=self.pretrain_per_domain,
                               n_per_task=self.pretrain_per_task, epochs=self.pretrain_epochs,
-                              fine_caption_fraction=self.fine_caption_fraction, seed=self.seed)
+                              fine_caption_fraction=self.fine_caption_fraction, seed=self.pretrain_seed + self.seed)
 
     def as_dict(self) -> dict:
         return asdict(self)
