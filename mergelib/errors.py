@@ -37,6 +37,16 @@ class CorruptCheckpointError(MergelibError, ValueError):
     """A cached checkpoint does not match its manifest (truncated, edited, or foreign)."""
 
 
+class TensorError(MergelibError, ValueError):
+    """Tensors that cannot be computed on: NaN or Inf, mismatched shapes, dtypes or devices, meta
+    tensors (no data), no tensors at all, or a result that overflows its dtype."""
+
+
+class StateKeyError(MergelibError, KeyError):
+    """A state dict or task vector lacks the keys a function needs, or has keys outside the naming
+    convention it works on (open_clip's full-model names, ``visual.*``)."""
+
+
 def lookup(registry: dict, kind: str, name: str):
     """``registry[name]`` or an :class:`UnknownNameError` that lists the valid names."""
     try:
