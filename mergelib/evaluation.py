@@ -14,6 +14,7 @@ import copy
 import warnings
 from typing import Mapping
 
+import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
@@ -86,6 +87,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     definition); predictions of absent classes count as errors. scikit-learn's warnings about
     such classes are silenced: on small splits they are expected, and the definition is fixed.
     """
+    return classification_outcomes(logits, labels)[0]
+
+
+def classification_outcomes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`classification_metrics` and which examples the model gets right: a numpy bool
+    vector ``correct[i] = (argmax_k logits[i, k] == labels[i])``, whose mean is the accuracy.
+
+    Keep ``correct`` (with the labels) for the bootstrap intervals of :mod:`mergelib.stats`:
+    ``stats.correctness_record(correct, labels, method=..., ...)``.
+    """
     if logits.shape[0] != labels.shape[0]:
         raise ValueError(f"{logits.shape[0]} predictions for {labels.shape[0]} labels")
     predictions = logits.argmax(dim=1)
@@ -93,4 +104,5 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", message="A single label was found")
         balanced = float(balanced_accuracy_score(labels.numpy(), predictions.numpy()))
-    return {"accuracy": (predictions == labels).double().mean().item(), "balanced_accuracy": balanced}
+    correct = predictions == labels
+    return {"accuracy": correct.double().mean().item(), "balanced_accuracy": balanced}, correct.numpy()
