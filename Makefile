@@ -1,5 +1,6 @@
 # The two commands of the README:  make book  (build the book on the embedded miniature)
 #                                   make test  (run the test suite)
+# and an optional third:            make lab   (JupyterLab on notebooks/, to run a chapter cell by cell)
 # Both start from a fresh clone: they create .venv, install the pinned dependencies and the
 # Fashion-MNIST Debian package when missing, then do their job.
 
@@ -10,13 +11,19 @@ export MERGELIB_CACHE ?= $(CURDIR)/.cache/mergelib
 export PYTHONUNBUFFERED := 1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: book test setup data notebooks recipe-study clean
+.PHONY: book test lab setup data notebooks recipe-study clean
 
+# Reuses every chapter whose execution key (source, parameters, mergelib's code, stored inputs) is
+# unchanged; `$(BIN)/mergelib book --force` executes them all again.
 book: setup data
 	$(BIN)/mergelib book
 
 test: setup data
 	$(BIN)/python -m pytest
+
+# JupyterLab on notebooks/ with this environment and the caches of `make book` (Ctrl-C stops it).
+lab: setup data
+	$(BIN)/mergelib lab
 
 setup: $(VENV)/.installed
 
@@ -47,5 +54,6 @@ notebooks: setup data
 recipe-study: setup data
 	$(BIN)/mergelib recipe-study
 
+# Also clears the notebooks' execution keys (book/_generated/.cache); the caches of .cache/mergelib stay.
 clean:
 	rm -rf _build book/_generated results/miniature

@@ -4,35 +4,62 @@ The notebooks in ``notebooks/`` are committed without outputs. :func:`execute_no
 with papermill (a failing cell raises, so the build fails) into ``book/_generated/``, which
 ``_toc.yml`` points at; :func:`build_book` then runs ``jupyter-book build -W -n --keep-going``
 with execution off, so every number on a page comes from the papermill run.
+
+Executions are cached: beside each executed notebook, ``book/_generated/.cache/<name>.json`` stores
+the key it was executed with (its source, its parameters, the fingerprint of ``mergelib``'s code,
+the package versions and the fingerprints of the stored files it reads, see
+:attr:`BookNotebook.inputs`) and the fingerprints of the files it wrote
+(:attr:`BookNotebook.outputs`). A chapter whose key is unchanged and whose outputs are intact is
+reused as it is (the file is not touched, so Sphinx does not read it again); otherwise it is
+executed again, and the reason is printed. :func:`lab_command` opens the same notebooks in
+JupyterLab.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .provenance import REPO_ROOT
+from .provenance import REPO_ROOT, code_fingerprint, versions, write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 GENERATED_DIR = REPO_ROOT / "book" / "_generated"
+KEY_DIR = ".cache"  # under the executed notebooks' folder: book/_generated/.cache/<name>.json
 
 
 @dataclass(frozen=True)
 class BookNotebook:
+    """A chapter of the book: a notebook of ``notebooks/`` and what its execution depends on.
+
+    ``inputs`` and ``outputs`` are globs relative to the repository (``**`` allowed). ``inputs``:
+    the stored files the chapter reads (committed results, or files another chapter writes earlier
+    in the same build); a glob matching nothing counts as "absent", so files appearing later
+    re-execute the chapter. ``outputs``: the files the chapter writes (and may read back); they are
+    fingerprinted after its execution, and the chapter is executed again when they are missing or
+    changed. Caches under ``$MERGELIB_CACHE`` are keyed by content and need no declaration.
+    """
+
     name: str  # file stem in notebooks/
     parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the notebook's defaults
     smoke: dict[str, Any] = field(default_factory=dict)  # small parameters for CI (tests build the book with them)
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
 
 
 def _miniature_smoke() -> dict[str, Any]:
     from .miniature import SMOKE_PARAMETERS
 
-    return {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("warmup_steps", "batch_size")}
+    # the domain chapter has no task parameters (papermill would ignore them; its parameter check refuses them)
+    return {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("warmup_steps", "batch_size") and not k.startswith("task_")}
 
 
 def _derivation_smoke(**extra: Any) -> dict[str, Any]:
@@ -43,25 +70,32 @@ def _derivation_smoke(**extra: Any) -> dict[str, Any]:
     return {"overrides": overrides, **extra}
 
 
-# In book order. The defaults of each notebook's `parameters` cell are the embedded miniature.
+MINIATURE_RESULTS = "results/miniature/domain_generalization"  # written by its chapter, shown by the results chapter
+
+# In book order (a chapter reading another's outputs comes after it). The defaults of each
+# notebook's `parameters` cell are the embedded miniature.
 NOTEBOOKS: tuple[BookNotebook, ...] = (
     BookNotebook("subspace_overlap", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"])),
     BookNotebook("score_derived", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"], z_values=[1.96, 4.0],
                                                           rank_fractions=[0.5, 1.0])),
     BookNotebook("esm_derived", smoke=_derivation_smoke(proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0],
                                                         rank_fractions=[0.05, 1.0])),
-    BookNotebook("domain_generalization", smoke=_miniature_smoke()),
+    BookNotebook("domain_generalization", smoke=_miniature_smoke(), inputs=("results/studies/miniature_recipe/*",),
+                 outputs=(f"{MINIATURE_RESULTS}/*",)),
     BookNotebook("ablations", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"], z_values=[], rank_fractions=[],
                                                       merge_baselines=["task_arithmetic"], esm_decompositions=["esd"],
                                                       esm_coefficients=[1.0], esm_proxy_count=8)),
     BookNotebook("benchmark_dg", smoke={"datasets": ["PACS"], "methods": ["task_arithmetic", "score", "esm"],
-                                        "standin_images_per_class": 2, "standin_epochs": 1, "weights": "random"}),
+                                        "standin_images_per_class": 2, "standin_epochs": 1, "weights": "random"},
+                 outputs=("results/standin/*/domain_generalization/**",)),  # the page lists the stored files
     BookNotebook("benchmark_multitask", smoke={"tasks": ["MNIST", "DTD"], "methods": ["task_arithmetic", "esm"],
                                                "standin_images_per_class": 10, "standin_epochs": 1, "weights": "random",
-                                               "esm_proxy_count": 4}),
-    BookNotebook("results"),
+                                               "esm_proxy_count": 4},
+                 outputs=("results/standin/*/multitask/**",)),
+    BookNotebook("results", inputs=("results/replication/**", f"{MINIATURE_RESULTS}/results.csv")),
     BookNotebook("methods"),
-    BookNotebook("performance", smoke={"layer_shape": [48, 24]}),
+    BookNotebook("performance", smoke={"layer_shape": [48, 24]},
+                 inputs=("results/benchmarks/*.json", "benchmarks/gpu_checks.sh")),  # the script's time budget
 )
 
 
@@ -85,31 +119,209 @@ def execute_notebook(
     return output
 
 
+# Cell metadata that Jupyter's interface writes (timings, collapsed or hidden state): not part of a
+# chapter's source, so opening and saving a notebook in JupyterLab does not invalidate its execution.
+_INTERFACE_METADATA = frozenset({"execution", "collapsed", "scrolled", "jupyter", "trusted", "editable", "deletable"})
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def source_fingerprint(notebook: Path) -> str:
+    """SHA-256 of a notebook's cells as the book sees them: type, source and metadata (tags).
+
+    Outputs, execution counts and the interface's state are left out, so a notebook that was run
+    and saved in JupyterLab keeps its fingerprint; any edit of code or prose changes it.
+    """
+    cells = []
+    for cell in json.loads(notebook.read_text())["cells"]:
+        source = cell.get("source", "")
+        cells.append({"cell_type": cell["cell_type"], "source": "".join(source) if isinstance(source, list) else source,
+                      "metadata": {k: v for k, v in cell.get("metadata", {}).items() if k not in _INTERFACE_METADATA}})
+    return _sha256(json.dumps(cells, sort_keys=True).encode())
+
+
+def files_fingerprint(patterns: Sequence[str], root: Path = REPO_ROOT) -> dict[str, str]:
+    """``{path: sha256}`` of the files matching ``patterns`` (globs relative to ``root``); a
+    pattern matching no file maps to ``"absent"``."""
+    found: dict[str, str] = {}
+    for pattern in patterns:
+        matches = sorted(path for path in root.glob(pattern) if path.is_file())
+        if not matches:
+            found[pattern] = "absent"
+        for path in matches:
+            found[path.relative_to(root).as_posix()] = _sha256(path.read_bytes())
+    return found
+
+
+def execution_key(source: Path, parameters: dict[str, Any], inputs: Sequence[str], root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Everything that can change an executed chapter, as named components (none varies between
+    two identical runs): the notebook's source, its papermill parameters, ``mergelib``'s code
+    fingerprint, the package versions and the fingerprints of the stored ``inputs`` it reads."""
+    return {
+        "source": source_fingerprint(source),
+        "parameters": json.loads(json.dumps(parameters, sort_keys=True, default=str)),  # as stored in JSON
+        "code": code_fingerprint(),
+        "environment": {k: v for k, v in versions().items() if k != "platform"},
+        "inputs": files_fingerprint(inputs, root),
+    }
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _changed_files(kind: str, before: dict[str, str], now: dict[str, str]) -> list[str]:
+    reasons = []
+    for path in sorted(set(before) | set(now)):
+        old, new = before.get(path, "absent"), now.get(path, "absent")
+        if old != new:
+            state = "appeared" if old == "absent" else "is missing" if new == "absent" else "changed"
+            reasons.append(f"{kind} {path} {state}")
+    return reasons
+
+
+def stale_reasons(stored: dict[str, Any] | None, key: dict[str, Any], outputs: dict[str, str]) -> list[str]:
+    """Why a chapter must be executed again, given its stored record (``None``: none), its key now
+    and its outputs' fingerprints now; empty when its executed copy can be reused."""
+    if stored is None:
+        return ["no stored execution key (first build, or the last execution did not finish)"]
+    before = stored["key"]
+    reasons = []
+    if before.get("source") != key["source"]:
+        reasons.append("notebook source changed")
+    old, new = before.get("parameters", {}), key["parameters"]
+    changed = [f"{name} {_short(old.get(name, '<default>'))} -> {_short(new.get(name, '<default>'))}"
+               for name in sorted(set(old) | set(new)) if old.get(name, "<default>") != new.get(name, "<default>")]
+    if changed:
+        reasons.append("parameters changed: " + "; ".join(changed))
+    if before.get("code") != key["code"]:
+        reasons.append("mergelib's code changed (code fingerprint)")
+    old, new = before.get("environment", {}), key["environment"]
+    changed = [f"{name} {old.get(name)} -> {new.get(name)}" for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    if changed:
+        reasons.append("environment changed: " + "; ".join(changed))
+    reasons += _changed_files("input", before.get("inputs", {}), key["inputs"])
+    reasons += _changed_files("output", stored.get("outputs", {}), outputs)
+    return reasons
+
+
+@dataclass(frozen=True)
+class ChapterRun:
+    """What :func:`execute_notebooks` did with one chapter."""
+
+    name: str
+    path: Path  # the executed notebook
+    executed: bool  # False: the executed copy was reused
+    reasons: tuple[str, ...]  # why it was executed (empty when reused)
+    seconds: float
+
+
 def execute_notebooks(
     output_dir: Path = GENERATED_DIR, *, smoke: bool = False, extra: dict[str, dict[str, Any]] | None = None,
-    log_output: bool = True,
-) -> list[Path]:
-    """Execute every book notebook into ``output_dir``, with its book parameters, or with its smoke
-    parameters when ``smoke`` (plus ``extra[name]``, e.g. a results folder for a test)."""
-    unknown = sorted(set(extra or {}) - {entry.name for entry in NOTEBOOKS})
+    log_output: bool = True, force: bool = False, notebooks: Sequence[BookNotebook] = NOTEBOOKS,
+    notebook_dir: Path = NOTEBOOK_DIR, root: Path = REPO_ROOT,
+) -> list[ChapterRun]:
+    """Execute the book's notebooks into ``output_dir``, reusing each executed copy whose key is unchanged.
+
+    Parameters: each notebook's book parameters, or its smoke parameters when ``smoke``, plus
+    ``extra[name]`` (e.g. a results folder for a test). Chapters run in order, and each key is
+    computed just before its chapter, so a chapter sees the outputs of those before it. ``force``
+    executes every chapter. Prints, per chapter, whether it was executed (and why) or reused.
+    ``notebooks``, ``notebook_dir`` and ``root`` (which ``inputs``/``outputs`` are relative to)
+    default to the book's.
+    """
+    names = [entry.name for entry in notebooks]
+    unknown = sorted(set(extra or {}) - set(names))
     if unknown:
-        raise ValueError(f"no book notebook named {unknown}; the notebooks are {[e.name for e in NOTEBOOKS]}")
-    outputs = []
-    for entry in NOTEBOOKS:
+        raise ValueError(f"no book notebook named {unknown}; the notebooks are {names}")
+    key_dir = Path(output_dir) / KEY_DIR
+    runs = []
+    for entry in notebooks:
         start = time.perf_counter()
-        print(f"[mergelib] executing notebooks/{entry.name}.ipynb with papermill", flush=True)
+        source, output = notebook_dir / f"{entry.name}.ipynb", Path(output_dir) / f"{entry.name}.ipynb"
+        record_path = key_dir / f"{entry.name}.json"
         parameters = {**(entry.smoke if smoke else entry.parameters), **(extra or {}).get(entry.name, {})}
-        outputs.append(execute_notebook(NOTEBOOK_DIR / f"{entry.name}.ipynb", output_dir / f"{entry.name}.ipynb",
-                                        parameters, log_output=log_output))
-        print(f"[mergelib] notebooks/{entry.name}.ipynb: {time.perf_counter() - start:.1f} s", flush=True)
-    return outputs
+        key = execution_key(source, parameters, entry.inputs, root)
+        stored = json.loads(record_path.read_text()) if record_path.exists() else None
+        if force:
+            reasons = ["--force"]
+        elif not output.exists():
+            reasons = ["no executed copy"]
+        else:
+            reasons = stale_reasons(stored, key, files_fingerprint(entry.outputs, root))
+        label = f"notebooks/{entry.name}.ipynb"
+        if not reasons:
+            print(f"[mergelib] {label}: reused (key unchanged; executed {stored.get('executed', '?')} "
+                  f"in {stored.get('seconds', float('nan')):.1f} s)", flush=True)
+            runs.append(ChapterRun(entry.name, output, False, (), time.perf_counter() - start))
+            continue
+        print(f"[mergelib] {label}: executing with papermill ({'; '.join(reasons)})", flush=True)
+        record_path.unlink(missing_ok=True)  # an interrupted or failing execution leaves no key behind
+        execute_notebook(source, output, parameters, log_output=log_output)
+        seconds = time.perf_counter() - start
+        record = {"notebook": entry.name, "key": key, "outputs": files_fingerprint(entry.outputs, root),
+                  "executed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 1)}
+        write_json(record_path, record)
+        print(f"[mergelib] {label}: executed in {seconds:.1f} s", flush=True)
+        runs.append(ChapterRun(entry.name, output, True, tuple(reasons), seconds))
+    executed = sum(run.executed for run in runs)
+    print(f"[mergelib] notebooks: {executed} executed, {len(runs) - executed} reused "
+          f"({sum(run.seconds for run in runs):.0f} s)", flush=True)
+    return runs
 
 
 def build_book(root: Path = REPO_ROOT, **run_options: Any) -> subprocess.CompletedProcess:
-    """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail)."""
+    """``jupyter-book build -W -n --keep-going`` (warnings, broken references and errors fail).
+
+    The build is incremental: Sphinx keeps its environment in ``_build/.doctrees`` and reads
+    again only the pages whose files changed. A page's warnings are only emitted when it is read,
+    so after a failed build the environment is deleted: the next build reads every page again
+    instead of passing silently.
+    """
     executable = Path(sys.executable).with_name("jupyter-book")
     command = [str(executable), "build", "-W", "-n", "--keep-going", str(root)]
-    return subprocess.run(command, **{"check": True, **run_options})
+    check = run_options.pop("check", True)
+    done = subprocess.run(command, **run_options)
+    if done.returncode != 0:
+        shutil.rmtree(Path(root) / "_build" / ".doctrees", ignore_errors=True)
+        if check:
+            done.check_returncode()
+    return done
+
+
+# Where `make book` keeps the miniature's caches (the Makefile exports the same MERGELIB_CACHE).
+PROJECT_CACHE = REPO_ROOT / ".cache" / "mergelib"
+
+
+def lab_command(*, port: int | None = None, open_browser: bool = True, token: str | None = None) -> list[str]:
+    """The command of ``mergelib lab`` (and ``make lab``): this environment's JupyterLab on ``notebooks/``.
+
+    ``token``: the server's access token (default: JupyterLab's own, a random one printed in the
+    link it shows). Each notebook's kernel starts in ``notebooks/``, so its default parameters
+    (the embedded miniature) run cell by cell exactly as in the book.
+    """
+    command = [str(Path(sys.executable).with_name("jupyter-lab")), f"--notebook-dir={NOTEBOOK_DIR}"]
+    if port is not None:
+        command.append(f"--port={port}")
+    if not open_browser:
+        command.append("--no-browser")
+    if token is not None:
+        command.append(f"--IdentityProvider.token={token}")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-root")  # containers often run as root; JupyterLab refuses it otherwise
+    return command
+
+
+def lab_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the project's settings: the caches
+    of ``make book`` (``MERGELIB_CACHE``, unless set) and unbuffered output."""
+    environment = dict(os.environ if base is None else base)
+    environment.setdefault("MERGELIB_CACHE", str(PROJECT_CACHE))
+    environment.setdefault("PYTHONUNBUFFERED", "1")
+    return environment
 
 
 def glue(name: str, value: Any) -> None:

@@ -15,8 +15,10 @@ def _book(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if not args.skip_notebooks:
-        execute_notebooks()
+        execute_notebooks(force=args.force)
+    sphinx = time.perf_counter()
     build_book()
+    print(f"[mergelib] jupyter-book build: {time.perf_counter() - sphinx:.1f} s", flush=True)
     print(f"[mergelib] book built in {time.perf_counter() - start:.0f} s: _build/html/index.html", flush=True)
     return 0
 
@@ -24,8 +26,17 @@ def _book(args: argparse.Namespace) -> int:
 def _notebooks(args: argparse.Namespace) -> int:
     from .book import execute_notebooks
 
-    execute_notebooks()
+    execute_notebooks(force=args.force)
     return 0
+
+
+def _lab(args: argparse.Namespace) -> int:
+    import os
+
+    from .book import lab_command, lab_environment
+
+    command = lab_command(port=args.port, open_browser=not args.no_browser, token=args.token)
+    os.execve(command[0], command, lab_environment())  # JupyterLab takes this process over (Ctrl-C stops it)
 
 
 def _recipe_study(args: argparse.Namespace) -> int:
@@ -144,8 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     book = commands.add_parser("book", help="execute the notebooks with papermill and build the Jupyter Book")
     book.add_argument("--skip-notebooks", action="store_true", help="build from the notebooks already executed")
-    book.set_defaults(run=_book)
-    commands.add_parser("notebooks", help="execute the notebooks with papermill only").set_defaults(run=_notebooks)
+    notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill only")
+    for sub, run in ((book, _book), (notebooks, _notebooks)):
+        sub.add_argument("--force", action="store_true",
+                         help="execute every notebook again (default: reuse those whose execution key is unchanged)")
+        sub.set_defaults(run=run)
+    lab = commands.add_parser("lab", help="JupyterLab on notebooks/ with the project's environment and caches")
+    lab.add_argument("--port", type=int, default=None, help="default: JupyterLab's (8888, or the next free one)")
+    lab.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    lab.add_argument("--token", default=None, help="the access token (default: a random one, printed in the link)")
+    lab.set_defaults(run=_lab)
     commands.add_parser("recipe-study", help="rerun the miniature recipe study (results/studies/miniature_recipe)").set_defaults(run=_recipe_study)
     commands.add_parser("methods", help="list the registered merging methods").set_defaults(run=_methods)
     merge = commands.add_parser("merge", help="merge expert checkpoints (safetensors) into a pretrained one")
