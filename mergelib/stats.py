@@ -55,7 +55,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -146,22 +146,30 @@ def _leaves(data: Any, name: str) -> list[tuple[tuple, float, Any]]:
 
 
 def _strata(data: Any, name: str, labels: Any = None) -> dict[tuple, tuple[float, np.ndarray, np.ndarray | None]]:
-    """``{path: (weight, correct, labels or None)}`` of the leaves of ``data`` (in order)."""
-    label_leaves = None
-    if labels is not None:
-        label_leaves = {path: leaf for path, _, leaf in _leaves(labels, "labels")}
+    """``{path: (weight, correct, labels or None)}`` of the leaves of ``data`` (in order).
+
+    ``labels`` mirrors ``data``; a ``None`` in it, at a leaf or at a group, means plain accuracy
+    for everything below (e.g. ``{"pacs": None, "fedisic": {domain: labels}}``: top-1 on PACS,
+    balanced accuracy on FedISIC, as SCORE reports them)."""
+    label_leaves = {} if labels is None else {path: leaf for path, _, leaf in _leaves(labels, "labels")}
+    used = set()
     strata = {}
     for path, weight, leaf in _leaves(data, name):
         correct = _correct_vector(leaf, _where(name, path))
         leaf_labels = None
-        if label_leaves is not None:
-            if path not in label_leaves:
+        if labels is not None:
+            prefix = next((path[:i] for i in range(len(path), -1, -1) if path[:i] in label_leaves), None)
+            if prefix is None or (prefix != path and label_leaves[prefix] is not None):
                 raise ParameterValueError(f"labels have no entry for {_where(name, path)}; give labels with the "
-                                          f"same structure (same keys, same order of lists) as the correctness data")
-            leaf_labels = _label_vector(label_leaves.pop(path), _where("labels", path), len(correct))
+                                          f"same structure (same keys, same order of lists) as the correctness data, "
+                                          f"or None where plain accuracy is meant")
+            used.add(prefix)
+            if label_leaves[prefix] is not None:
+                leaf_labels = _label_vector(label_leaves[prefix], _where("labels", path), len(correct))
         strata[path] = (weight, correct, leaf_labels)
-    if label_leaves:
-        raise ParameterValueError(f"labels have entries the correctness data lack: {sorted(map(str, label_leaves))}")
+    unused = set(label_leaves) - used
+    if unused:
+        raise ParameterValueError(f"labels have entries the correctness data lack: {sorted(map(str, unused))}")
     return strata
 
 
@@ -179,6 +187,20 @@ def _quantiles(draws: np.ndarray, confidence: float) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- intervals
+def accuracy(correct: Any, *, labels: Any = None) -> float:
+    """The statistic alone, ``S = sum_s w_s * k_s / n_s`` (``k_s`` right of ``n_s``): accuracy,
+    the mean over domains, or with ``labels`` balanced accuracy (structures as in
+    :func:`bootstrap_ci`, whose estimate it equals exactly)."""
+    return sum(w * int(c.sum()) / len(c) for w, c in _single_strata(correct, labels))
+
+
+def _single_strata(correct: Any, labels: Any) -> Iterator[tuple[float, np.ndarray]]:
+    """``(w_s, correctness of stratum s)`` for one model, classes split out when ``labels``."""
+    for weight, vector, leaf_labels in _strata(correct, "correct", labels).values():
+        for w, (c,) in _classes(weight, [vector], leaf_labels):
+            yield w, c
+
+
 def bootstrap_ci(correct: Any, *, labels: Any = None, confidence: float = 0.95, n_resamples: int = 2000,
                  seed: int = 0) -> Interval:
     """A model's accuracy ``S = sum_s w_s * k_s / n_s`` and its percentile bootstrap interval.
@@ -187,7 +209,8 @@ def bootstrap_ci(correct: Any, *, labels: Any = None, confidence: float = 0.95, 
         correct: per-example correctness (booleans or 0/1): a 1-D array, or a mapping / list of
             such arrays (their unweighted mean, e.g. over held-out domains), nested freely.
         labels: class labels in the same structure: then the statistic is balanced accuracy
-            (mean over the classes present of the per-class recall), resampled within classes.
+            (mean over the classes present of the per-class recall), resampled within classes;
+            ``None`` in place of a leaf or a group keeps plain accuracy there.
         confidence, n_resamples, seed: the interval's level, the number of resamples and the
             seed of ``numpy.random.default_rng``.
 
@@ -198,11 +221,10 @@ def bootstrap_ci(correct: Any, *, labels: Any = None, confidence: float = 0.95, 
     _check_options(confidence, n_resamples, seed)
     rng = np.random.default_rng(seed)
     estimate, draws = 0.0, np.zeros(n_resamples)
-    for weight, vector, leaf_labels in _strata(correct, "correct", labels).values():
-        for w, (c,) in _classes(weight, [vector], leaf_labels):
-            n, k = len(c), int(c.sum())
-            estimate += w * k / n
-            draws += w * rng.binomial(n, k / n, size=n_resamples) / n
+    for w, c in _single_strata(correct, labels):
+        n, k = len(c), int(c.sum())
+        estimate += w * k / n
+        draws += w * rng.binomial(n, k / n, size=n_resamples) / n
     return Interval(estimate, *_quantiles(draws, confidence))
 
 
@@ -374,7 +396,7 @@ def pairwise_differences(correct_by_method: Mapping[str, Any], *, reference: str
     else:
         pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
     options = dict(labels=labels, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    estimates = {m: bootstrap_ci(correct_by_method[m], **options).estimate for m in dict.fromkeys(m for p in pairs for m in p)}
+    estimates = {m: accuracy(correct_by_method[m], labels=labels) for m in dict.fromkeys(m for p in pairs for m in p)}
     rows = []
     for a, b in pairs:
         difference, low, high = paired_bootstrap_ci(correct_by_method[a], correct_by_method[b], **options)
@@ -392,7 +414,7 @@ def indistinguishable_from_best(correct_by_method: Mapping[str, Any], *, labels:
     contains zero. Ordered by estimate, best first (ties in the given order)."""
     methods = _statistics(correct_by_method)
     options = dict(labels=labels, confidence=confidence, n_resamples=n_resamples, seed=seed)
-    estimates = {m: bootstrap_ci(correct_by_method[m], **options).estimate for m in methods}
+    estimates = {m: accuracy(correct_by_method[m], labels=labels) for m in methods}
     ranked = sorted(methods, key=lambda m: (-estimates[m], methods.index(m)))
     top = ranked[0]
     kept = [top]
@@ -566,6 +588,8 @@ def grouped_correctness(table: pd.DataFrame, *, methods: Sequence[str] | None = 
     coefficient 1 and the baselines (coefficient NaN), or to ``split == "test"``. Every method
     must have every group, and within a group every row the same ``labels_sha256`` (and
     ``test_set``, when recorded): models evaluated on different examples are never paired.
+    Pass ``labels`` on for balanced accuracy, with ``None`` in place of the datasets reported
+    in top-1 (``labels["pacs"] = None``), or do not pass it for accuracy everywhere.
     """
     _check_frame(table)
     present = [level for level in levels if level in table]

@@ -128,6 +128,7 @@ def test_deterministic_for_a_seed_and_different_across_seeds():
     assert paired_bootstrap_ci(a, b, seed=11) != paired_bootstrap_ci(a, b, seed=12)
     # torch tensors and 0/1 integers are the same data
     assert paired_bootstrap_ci(torch.from_numpy(a), b.astype(int), seed=11) == paired_bootstrap_ci(a, b, seed=11)
+    assert stats.accuracy(a) == bootstrap_ci(a, seed=11).estimate == pytest.approx(a.mean(), abs=1e-15)
 
 
 def _index_bootstrap(correct_a, correct_b, *, resamples, seed, strata=None):
@@ -194,6 +195,16 @@ def test_balanced_accuracy_matches_scikit_learn_and_a_stratified_reference():
     expected = (balanced_accuracy_score(labels[:150], predictions_a[:150])
                 + balanced_accuracy_score(labels[150:], predictions_a[150:])) / 2
     assert by_domain.estimate == pytest.approx(expected, abs=1e-12)
+    # datasets with different metrics (SCORE: top-1 on PACS, balanced on FedISIC): None keeps top-1
+    correct = {"pacs": {"x": predictions_a[:150] == labels[:150], "y": predictions_a[150:] == labels[150:]},
+               "fedisic": {"z": predictions_a == labels}}
+    mixed = bootstrap_ci(correct, labels={"pacs": None, "fedisic": {"z": labels}})
+    top1 = ((predictions_a[:150] == labels[:150]).mean() + (predictions_a[150:] == labels[150:]).mean()) / 2
+    assert mixed.estimate == pytest.approx((top1 + balanced_accuracy_score(labels, predictions_a)) / 2, abs=1e-12)
+    with pytest.raises(ParameterValueError, match="no entry for"):
+        bootstrap_ci(correct, labels={"pacs": None, "fedisic": labels})
+    with pytest.raises(ParameterValueError, match="lack"):
+        bootstrap_ci(correct, labels={"pacs": None, "fedisic": {"z": labels}, "extra": None})
 
 
 # ----------------------------------------------------------------------------- input checks
