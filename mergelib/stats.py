@@ -28,10 +28,10 @@ A *paired* comparison resamples the same example indices for both models and tak
 ``D = S_a - S_b``. Both statistics depend on a resample only through counts, so the draws are
 made on the counts, exactly (no approximation): a stratum's resampled number of right answers
 is ``Binomial(n_s, p_s)``, and for a pair, the numbers of examples that only ``a`` gets right
-(``n10``) and only ``b`` gets right (``n01``) are ``Multinomial(n_s; n10/n_s, n01/n_s, rest)``,
-with ``D_s = (N10 - N01) / n_s``. This is the distribution of drawing ``n_s`` indices with
-replacement (the tests check it against that literal computation) at a cost independent of
-``n``. Everything is deterministic for a given ``seed`` (``numpy.random.default_rng``); every
+(``n10``) and only ``b`` gets right (``n01``) are ``Multinomial(n_s; n10/n_s, n01/n_s, rest)``
+(drawn as two binomials), with ``D_s = (N10 - N01) / n_s``. This is the distribution of drawing
+``n_s`` indices with replacement (the tests check it against that literal computation) at a
+cost independent of ``n``. Everything is deterministic for a given ``seed`` (``numpy.random.default_rng``); every
 comparison of the helpers below uses ``seed`` afresh, so a table's interval for ``(a, b)`` is
 the one :func:`paired_bootstrap_ci` gives for ``(a, b)``.
 
@@ -239,7 +239,8 @@ def paired_bootstrap_ci(correct_a: Any, correct_b: Any, *, labels: Any = None, c
     :func:`bootstrap_ci` (``labels``: balanced accuracy). Per stratum,
     ``D_s = (n10 - n01) / n_s`` with ``n10`` the examples only ``a`` gets right and ``n01`` those
     only ``b`` gets right; a resample draws ``(N10, N01, rest) ~ Multinomial(n_s; n10/n_s,
-    n01/n_s, rest)``. Returns ``Interval(difference, low, high)`` as fractions (a difference of
+    n01/n_s, rest)``, as ``N10 ~ Binomial(n_s, n10/n_s)`` then ``N01 ~ Binomial(n_s - N10,
+    n01/(n_s - n10))`` (a stratum without discordant examples adds nothing). Returns ``Interval(difference, low, high)`` as fractions (a difference of
     0.009 is 0.9 points).
     """
     _check_options(confidence, n_resamples, seed)
@@ -261,9 +262,11 @@ def paired_bootstrap_ci(correct_a: Any, correct_b: Any, *, labels: Any = None, c
             n = len(sa)
             only_a, only_b = int(np.sum(sa & ~sb)), int(np.sum(~sa & sb))
             estimate += w * (only_a - only_b) / n
-            p_a, p_b = only_a / n, only_b / n
-            counts = rng.multinomial(n, [p_a, p_b, max(0.0, 1.0 - p_a - p_b)], size=n_resamples)
-            draws += w * (counts[:, 0] - counts[:, 1]) / n
+            if only_a == only_b == 0:  # no example on which they differ: D_s = 0 in every resample
+                continue
+            resampled_a = rng.binomial(n, only_a / n, size=n_resamples)
+            resampled_b = rng.binomial(n - resampled_a, only_b / (n - only_a)) if only_b else 0
+            draws += w * (resampled_a - resampled_b) / n
     return Interval(estimate, *_quantiles(draws, confidence))
 
 
