@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mergelib
-from mergelib.errors import ParameterError
+from mergelib.errors import ParameterError, StateKeyError
 from mergelib.essential import (
     activation_pca,
     collect_layer_inputs,
@@ -470,11 +470,13 @@ def test_esm_is_deterministic_and_registered():
     assert method.defaults["subspaces"] is None and method.defaults["alpha_scope"] == "esd_keys"
 
 
-def test_task_vectors_without_esd_layers_need_no_subspaces():
+def test_task_vectors_without_esd_layers_are_refused():
+    """Without a block of the image tower ESM would silently be TSV-M: it says what it expected."""
     tvs = [{"visual.w": torch.randn(6, 4, generator=_gen(t)), "visual.b": torch.randn(4, generator=_gen(t))} for t in range(2)]
-    merged = mergelib.merge("esm", tvs)
-    torch.testing.assert_close(merged["visual.b"], (tvs[0]["visual.b"] + tvs[1]["visual.b"]) / 2)
-    torch.testing.assert_close(merged["visual.w"], mergelib.merge("tsv_m", tvs)["visual.w"])
+    for decomposition in ("esd", "svd"):
+        with pytest.raises(StateKeyError, match=r"visual\.transformer\.resblocks\.<i>\.<layer>.*attn\.in_proj_weight.*"
+                                                r"none among their 2 key\(s\), e\.g\. \['visual\.w', 'visual\.b'\]"):
+            mergelib.merge("esm", tvs, decomposition=decomposition)
 
 
 def test_esd_keys_are_the_image_tower_blocks_only():

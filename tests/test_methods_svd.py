@@ -336,7 +336,7 @@ def test_score_rejects_bad_parameters():
     tvs = _task_vectors(2, {"visual.w": (4, 4)})
     with pytest.raises(ValueError, match="keep must be one of"):
         mergelib.merge("score", tvs, keep="everything")
-    with pytest.raises(ValueError, match="z must be a positive number"):
+    with pytest.raises(ValueError, match="z must be > 0"):
         mergelib.merge("score", tvs, z=0)
     with pytest.raises(ValueError, match="common_fraction"):
         mergelib.merge("iso_cts", tvs, common_fraction=0)

@@ -7,11 +7,22 @@ family; importing the package imports them all, so each registers its methods.
 import importlib
 import pkgutil
 
-from .registry import METHODS, MergeMethod, MethodSpec, merge, parse_method_spec, register, validate_task_vectors
+from .registry import (
+    METHODS,
+    MergeMethod,
+    MethodSpec,
+    check_method_parameters,
+    merge,
+    parse_method_spec,
+    parse_parameter_value,
+    register,
+    validate_task_vectors,
+)
 
 _INFRASTRUCTURE = {"registry", "common"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "MergeMethod", "MethodSpec", "merge", "parse_method_spec", "register", "validate_task_vectors"]
+__all__ = ["METHODS", "MergeMethod", "MethodSpec", "check_method_parameters", "merge", "parse_method_spec",
+           "parse_parameter_value", "register", "validate_task_vectors"]

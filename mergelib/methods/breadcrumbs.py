@@ -32,7 +32,8 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, check_fraction, merge_per_key
+from ..errors import ParameterValueError
+from .common import Fraction, TaskVector, merge_per_key
 from .registry import register
 
 
@@ -58,6 +59,13 @@ def breadcrumbs_key(stack: torch.Tensor, density: float, gamma: float) -> torch.
     return rows.sum(dim=0).reshape(stack.shape[1:])
 
 
+def check_band(density: float, gamma: float) -> None:
+    """The kept band and the removed top must fit in the tensor: ``density + gamma <= 1``."""
+    if density + gamma > 1:
+        raise ParameterValueError(
+            f"density + gamma must be at most 1 (kept plus removed-top fraction), got {density} + {gamma}")
+
+
 @register(
     "breadcrumbs",
     paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
@@ -72,6 +80,8 @@ def breadcrumbs_key(stack: torch.Tensor, density: float, gamma: float) -> torch.
         "paper's text, within each tensor.",
         "0-D tensors are left unmasked, as in the authors' code.",
     ),
+    checks=dict(density=Fraction(zero_ok=False, one_ok=True), gamma=Fraction(zero_ok=True, one_ok=False)),
+    relation=lambda params: check_band(params["density"], params["gamma"]),
 )
 def breadcrumbs(
     task_vectors: Sequence[TaskVector],
@@ -85,8 +95,4 @@ def breadcrumbs(
     ``density`` in (0, 1] is the fraction kept per tensor, ``gamma`` in [0, 1) the fraction of
     largest magnitudes removed (``density + gamma <= 1``).
     """
-    check_fraction("density", density, zero_ok=False, one_ok=True)
-    check_fraction("gamma", gamma, zero_ok=True, one_ok=False)
-    if density + gamma > 1:
-        raise ValueError(f"density + gamma must be at most 1 (kept plus removed-top fraction), got {density} + {gamma}")
     return merge_per_key(task_vectors, lambda key, stack: breadcrumbs_key(stack, density, gamma), device=device)

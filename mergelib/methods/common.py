@@ -23,16 +23,26 @@ of its inputs on every machine.
 from __future__ import annotations
 
 import math
-from numbers import Real
-from typing import Callable, Mapping, Sequence
+import re
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import ParameterValueError
+from ..errors import ParameterError, ParameterValueError, StateKeyError, TensorError
 
 TaskVector = dict[str, torch.Tensor]
 EXCLUDED_FROM_MATRIX_PATH = "text_projection"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: open_clip's full-model names, which every state dict and task vector of mergelib uses: the
+#: image tower's parameters start with ``visual.``, its residual blocks' with
+#: ``visual.transformer.resblocks.<i>.`` (e.g. ``visual.transformer.resblocks.0.attn.in_proj_weight``).
+VISUAL_PREFIX = "visual."
+BLOCK_PREFIX = VISUAL_PREFIX + "transformer.resblocks."
+BLOCK_KEY_PATTERN = BLOCK_PREFIX + "<i>.<layer>"
+_BLOCK_KEY = re.compile(re.escape(BLOCK_PREFIX) + r"(\d+)\.(.+)$")
 
 
 def is_matrix(key: str, tensor: torch.Tensor) -> bool:
@@ -40,23 +50,68 @@ def is_matrix(key: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and EXCLUDED_FROM_MATRIX_PATH not in key
 
 
-def check_fraction(name: str, value: float, *, zero_ok: bool, one_ok: bool) -> None:
-    """Raise ``ValueError`` unless ``value`` lies in the interval given by the two flags."""
+def block_layer(key: str) -> tuple[int, str] | None:
+    """``(block index, layer name within the block)`` of a parameter of the image tower's residual
+    blocks (``visual.transformer.resblocks.3.mlp.c_fc.weight`` -> ``(3, "mlp.c_fc.weight")``), else None.
+
+    The one definition of the block naming convention, used by ESM and the analyses.
+    """
+    match = _BLOCK_KEY.match(key)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def describe_keys(keys: Iterable[str]) -> str:
+    """``"12 keys, e.g. ['a', 'b', 'c']"`` (or ``"no keys"``), for error messages."""
+    keys = list(keys)
+    return f"{len(keys)} key(s), e.g. {keys[:3]}" if keys else "no keys"
+
+
+def prefix_hint(wanted: Iterable[str], keys: Iterable[str]) -> str:
+    """A hint for messages when ``keys`` look like the image encoder's own names (no ``visual.``)."""
+    present = set(keys)
+    if any(k.startswith(VISUAL_PREFIX) and k[len(VISUAL_PREFIX):] in present for k in wanted) or (
+        present and not any(k.startswith(VISUAL_PREFIX) for k in present)
+        and any(k.startswith(BLOCK_PREFIX[len(VISUAL_PREFIX):]) for k in present)
+    ):
+        return (f"; these look like the image encoder's own names: add open_clip's {VISUAL_PREFIX!r} prefix "
+                "(mergelib.task_vectors.encoder_state does)")
+    return ""
+
+
+def require_keys(mapping: Mapping[str, object], keys: Iterable[str], *, what: str) -> None:
+    """Raise a :class:`StateKeyError` naming the ``keys`` that ``mapping`` (called ``what``) lacks."""
+    keys = list(keys)
+    missing = [key for key in keys if key not in mapping]
+    if missing:
+        raise StateKeyError(
+            f"{what} lacks {len(missing)} of the {len(keys)} key(s) needed, e.g. {missing[:3]}; it has "
+            f"{describe_keys(mapping)}{prefix_hint(missing, mapping)}"
+        )
+
+
+# ------------------------------------------------------------------------- parameter checks
+# One check per kind of value; the methods declare theirs at registration (see the classes below)
+# and the analyses call them directly. Each raises ParameterValueError naming the parameter.
+
+
+def check_fraction(name: str, value: object, *, zero_ok: bool, one_ok: bool) -> None:
+    """Raise unless ``value`` is a finite number (not a bool) in the interval given by the two flags."""
     low, high = ("[" if zero_ok else "("), ("]" if one_ok else ")")
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
     inside = number and (0 <= value if zero_ok else 0 < value) and (value <= 1 if one_ok else value < 1)
     if not inside:
         raise ParameterValueError(f"{name} must be a number in {low}0, 1{high}, got {value!r}")
 
 
-def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
         raise ParameterValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def check_number(name: str, value: object, *, minimum: float | None = None, strict: bool = False) -> float:
-    """``value`` as a float; raise unless it is a finite number (not a bool) at least ``minimum``."""
+    """``value`` as a float; raise unless it is a finite number (not a bool) at least ``minimum``
+    (above it with ``strict``)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ParameterValueError(f"{name} must be a finite number, got {value!r}")
     value = float(value)
@@ -65,17 +120,152 @@ def check_number(name: str, value: object, *, minimum: float | None = None, stri
     return value
 
 
+def check_integer(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` as an int; raise unless it is an integer (not a bool) at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ParameterValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ParameterValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_flag(name: str, value: object) -> None:
     """Raise unless ``value`` is a bool."""
     if not isinstance(value, bool):
         raise ParameterValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_text(name: str, value: object) -> None:
+    """Raise unless ``value`` is a string."""
+    if not isinstance(value, str):
+        raise ParameterValueError(f"{name} must be a string, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Number:
+    """Parameter check: a finite number, at least ``minimum`` (above it with ``strict``)."""
+
+    minimum: float | None = None
+    strict: bool = False
+
+    def __call__(self, name: str, value: object) -> None:
+        check_number(name, value, minimum=self.minimum, strict=self.strict)
+
+    def __str__(self) -> str:
+        bound = "" if self.minimum is None else f" {'>' if self.strict else '>='} {self.minimum:g}"
+        return f"a finite number{bound}"
+
+
+@dataclass(frozen=True)
+class Integer:
+    """Parameter check: an integer, at least ``minimum``."""
+
+    minimum: int | None = None
+
+    def __call__(self, name: str, value: object) -> None:
+        check_integer(name, value, minimum=self.minimum)
+
+    def __str__(self) -> str:
+        return "an integer" + ("" if self.minimum is None else f" >= {self.minimum}")
+
+
+@dataclass(frozen=True)
+class Fraction:
+    """Parameter check: a number in ``[0, 1]``, the ends included as the flags say."""
+
+    zero_ok: bool
+    one_ok: bool
+
+    def __call__(self, name: str, value: object) -> None:
+        check_fraction(name, value, zero_ok=self.zero_ok, one_ok=self.one_ok)
+
+    def __str__(self) -> str:
+        return f"a number in {'[' if self.zero_ok else '('}0, 1{']' if self.one_ok else ')'}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Parameter check: one of the strings ``choices``."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, name: str, value: object) -> None:
+        check_choice(name, value, self.choices)
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(map(repr, self.choices))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """Parameter check: True or False."""
+
+    def __call__(self, name: str, value: object) -> None:
+        check_flag(name, value)
+
+    def __str__(self) -> str:
+        return "True or False"
+
+
+@dataclass(frozen=True)
+class Text:
+    """Parameter check: any string (for parameters whose values are not a fixed set)."""
+
+    def __call__(self, name: str, value: object) -> None:
+        check_text(name, value)
+
+    def __str__(self) -> str:
+        return "a string"
+
+
+# ----------------------------------------------------------------------------- tensors and devices
+def check_tensor(label: str, tensor: object) -> torch.Tensor:
+    """Raise unless ``tensor`` is a tensor torch can compute on: it holds data (not a meta tensor)
+    and, if floating point, has no NaN or Inf. ``label`` names it in the message."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ParameterError(f"{label} is a {type(tensor).__name__}, not a tensor")
+    if tensor.is_meta:
+        raise TensorError(
+            f"{label} is a meta tensor (a shape without data); load real weights first, e.g. "
+            "module.to_empty(device='cpu') then load_state_dict, or load_state_dict(..., assign=True)"
+        )
+    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        raise TensorError(f"{label} contains NaN or Inf")
+    return tensor
+
+
+def valid_devices() -> list[str]:
+    """The compute devices this machine can use, as :func:`resolve_device` accepts them."""
+    valid = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        valid += ["cuda"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        valid.append("mps")
+    return valid
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else the CPU."""
-    if device is None or device == "auto":
+    """The compute device: ``None`` or ``"auto"``: CUDA when available, else the CPU; otherwise a
+    device this machine has (see :func:`valid_devices`), else a :class:`ParameterValueError`."""
+    if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(device) if isinstance(device, str) else None
+    except RuntimeError:
+        parsed = None
+    if parsed is None:
+        raise ParameterValueError(
+            f"device {device!r} is not a device name; valid on this machine: {', '.join(valid_devices())}")
+    if parsed.type == "cpu":
+        return parsed
+    usable = {
+        "cuda": torch.cuda.is_available() and (parsed.index is None or parsed.index < torch.cuda.device_count()),
+        "mps": torch.backends.mps.is_available(),
+    }.get(parsed.type, False)
+    if not usable:
+        raise ParameterValueError(
+            f"device {str(parsed)!r} is not available on this machine; valid here: {', '.join(valid_devices())}")
+    return parsed
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

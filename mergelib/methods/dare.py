@@ -37,7 +37,8 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, check_choice, check_fraction, merge_per_key
+from ..errors import ParameterValueError
+from .common import Choice, Flag, Fraction, Integer, TaskVector, merge_per_key
 from .registry import register
 from .ties import ties_merge
 
@@ -60,6 +61,12 @@ def drop_and_rescale(tensor: torch.Tensor, *, task: int, key: str, drop_rate: fl
     return tensor / (1.0 - drop_rate) if rescale else tensor
 
 
+def check_combination(combine: str, ties_density: float) -> None:
+    """``ties_density`` is TIES' trim: it has a meaning only with ``combine="ties"``."""
+    if combine == "sum" and ties_density != 1.0:
+        raise ParameterValueError("ties_density only applies with combine='ties'; leave it at 1.0 for combine='sum'")
+
+
 @register(
     "dare",
     paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch "
@@ -71,6 +78,9 @@ def drop_and_rescale(tensor: torch.Tensor, *, task: int, key: str, drop_rate: fl
         "SCORE's released code has DARE masking code that is never called: its `dare_ta` and "
         "`dare_ties` merges are plain task arithmetic and plain TIES.",
     ),
+    checks=dict(drop_rate=Fraction(zero_ok=True, one_ok=False), rescale=Flag(), seed=Integer(),
+                combine=Choice(COMBINES), ties_density=Fraction(zero_ok=False, one_ok=True)),
+    relation=lambda params: check_combination(params["combine"], params["ties_density"]),
 )
 def dare(
     task_vectors: Sequence[TaskVector],
@@ -88,15 +98,6 @@ def dare(
     masks; ``combine`` is ``"sum"`` (DARE + task arithmetic) or ``"ties"`` (DARE + TIES, trimming
     again at ``ties_density``).
     """
-    check_fraction("drop_rate", drop_rate, zero_ok=True, one_ok=False)
-    check_fraction("ties_density", ties_density, zero_ok=False, one_ok=True)
-    check_choice("combine", combine, COMBINES)
-    if not isinstance(rescale, bool):
-        raise ValueError(f"rescale must be True or False, got {rescale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if combine == "sum" and ties_density != 1.0:
-        raise ValueError("ties_density only applies with combine='ties'; leave it at 1.0 for combine='sum'")
 
     def masked(task: int, key: str, tensor: torch.Tensor) -> torch.Tensor:
         return drop_and_rescale(tensor, task=task, key=key, drop_rate=drop_rate, rescale=rescale, seed=seed)

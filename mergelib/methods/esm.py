@@ -78,12 +78,29 @@ deterministic function of the inputs.
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Sequence
 
 import torch
 
-from .common import TaskVector, check_choice, check_flag, check_number, is_all_zero, is_matrix, rank_per_task, resolve_device, stacked, truncated_svd
+from ..errors import ParameterValueError, StateKeyError
+from .common import (
+    BLOCK_KEY_PATTERN,
+    Choice,
+    Flag,
+    Number,
+    TaskVector,
+    block_layer,
+    check_choice,
+    check_tensor,
+    describe_keys,
+    is_all_zero,
+    is_matrix,
+    prefix_hint,
+    rank_per_task,
+    resolve_device,
+    stacked,
+    truncated_svd,
+)
 from .registry import MethodSpec, parse_method_spec, register
 from .tsv import tsv_merge_matrix
 
@@ -92,7 +109,6 @@ ESD_LAYER_SETS: dict[str, tuple[str, ...]] = {
     "all_linear": ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
 }
 LAYER_TYPES: tuple[str, ...] = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_BLOCK_KEY = re.compile(r"^visual\.transformer\.resblocks\.\d+\.(?P<layer>.+)$")
 
 ALPHA_SCOPES = ("esd_keys", "all")
 DECOMPOSITIONS = ("esd", "svd")
@@ -102,9 +118,8 @@ TASK_NORMS = ("full", "truncated")
 
 def layer_type(key: str) -> str | None:
     """The block layer type of ``key`` (one of :data:`LAYER_TYPES`) for the image tower's blocks, else None."""
-    match = _BLOCK_KEY.match(key)
-    layer = match.group("layer") if match else None
-    return layer if layer in LAYER_TYPES else None
+    block = block_layer(key)
+    return block[1] if block is not None and block[1] in LAYER_TYPES else None
 
 
 def esd_keys(keys: Sequence[str], esd_layers: str = "released") -> list[str]:
@@ -230,6 +245,18 @@ def polarize_layers(
     return factors
 
 
+def check_subspaces_argument(name: str, value: object) -> None:
+    """Parameter check of ``subspaces``: None or a sequence with one dict per task (its entries are
+    checked against the task vectors when merging)."""
+    if value is not None and (
+        isinstance(value, (Mapping, str, bytes)) or not isinstance(value, Sequence)
+    ):
+        raise ParameterValueError(
+            f"{name} must be None or a sequence with one dict per task (key -> (eigenvectors, eigenvalues)), "
+            f"got {type(value).__name__}"
+        )
+
+
 def _check_subspaces(
     subspaces: object,
     task_vectors: Sequence[Mapping[str, torch.Tensor]],
@@ -245,10 +272,6 @@ def _check_subspaces(
             "mergelib.essential.essential_subspaces(image_encoder, pretrained_state, task_vectors[t], "
             "proxy_inputs_t) on a few proxy images of that task; or use decomposition='svd', which needs no data"
         )
-    if isinstance(subspaces, Mapping) or isinstance(subspaces, (str, bytes)) or not isinstance(subspaces, Sequence):
-        raise ValueError(
-            f"subspaces must be a sequence with one dict per task, got {type(subspaces).__name__}"
-        )
     if len(subspaces) != tasks:
         raise ValueError(f"subspaces has {len(subspaces)} entries but there are {tasks} task vectors (one dict per task)")
     for t, per_task in enumerate(subspaces):
@@ -256,8 +279,9 @@ def _check_subspaces(
             raise ValueError(f"subspaces[{t}] must be a dict key -> (eigenvectors, eigenvalues), got {type(per_task).__name__}")
         missing = [key for key in keys if key not in per_task]
         if missing:
-            raise ValueError(
-                f"subspaces[{t}] lacks {len(missing)} ESD keys, e.g. {missing[:3]}; compute them with "
+            raise ParameterValueError(
+                f"subspaces[{t}] lacks {len(missing)} ESD keys, e.g. {missing[:3]}; it has {describe_keys(per_task)}"
+                f"{prefix_hint(missing, per_task)}; compute them with "
                 "mergelib.essential.essential_subspaces(..., layers=...) matching esd_layers"
             )
         for key in keys:
@@ -284,8 +308,8 @@ def _check_subspaces(
                 raise ValueError(f"subspaces[{t}][{key!r}]: eigenvalues must have shape ({d_out},), got {tuple(values.shape)}")
             if not (vectors.is_floating_point() and values.is_floating_point()):
                 raise ValueError(f"subspaces[{t}][{key!r}] must be floating point")
-            if not (torch.isfinite(vectors).all() and torch.isfinite(values).all()):
-                raise ValueError(f"subspaces[{t}][{key!r}] contains NaN or Inf")
+            check_tensor(f"subspaces[{t}][{key!r}] eigenvectors", vectors)
+            check_tensor(f"subspaces[{t}][{key!r}] eigenvalues", values)
 
 
 @register(
@@ -317,6 +341,13 @@ def _check_subspaces(
         "Proxy data: min(32, N) validation images of each expert (np.random.RandomState(seed).choice), hooks "
         "on θ0+τ_t, uncentred PCA with λ = s²/(n−1), padded with standard axes when n < d_out.",
     ),
+    checks=dict(
+        subspaces=check_subspaces_argument, alpha=Number(), alpha_scope=Choice(ALPHA_SCOPES),
+        esd_layers=Choice(tuple(ESD_LAYER_SETS)), decomposition=Choice(DECOMPOSITIONS),
+        rank_budget=Choice(RANK_BUDGETS), eigen_exponent=Number(minimum=0), task_scaling=Flag(),
+        task_norm=Choice(TASK_NORMS), dimension_scaling=Flag(), layer_scaling=Flag(),
+        polarization_power=Number(), mean_singular_value_scaling=Flag(), output_factor=Number(minimum=0, strict=True),
+    ),
 )
 def esm(
     task_vectors: Sequence[TaskVector],
@@ -346,7 +377,8 @@ def esm(
         subspaces: one dict per task (same order as ``task_vectors``), ESD key ->
             ``(eigenvectors [d_out, >= k], eigenvalues [d_out])``, from
             :func:`mergelib.essential.essential_subspaces`; required for ``decomposition="esd"``
-            when the task vectors have ESD layers, unused for ``"svd"``; extra keys are ignored.
+            (the task vectors must hold ESD layers, see :data:`ESD_LAYER_SETS`), unused for ``"svd"``;
+            extra keys are ignored.
         alpha: the factor of the merged vector on ``alpha_scope`` (``"esd_keys"``, released, or
             ``"all"``); apply the result with global coefficient 1.
         esd_layers: ``"released"`` (QKV, fc1, fc2) or ``"all_linear"`` (adds out_proj).
@@ -359,28 +391,18 @@ def esm(
         mean_singular_value_scaling: rescale each polar factor by its mean singular value.
         output_factor: the constant factor of the merged ESD layers (2; paper 1).
     """
-    check_number("alpha", alpha)
-    check_choice("alpha_scope", alpha_scope, ALPHA_SCOPES)
-    check_choice("esd_layers", esd_layers, tuple(ESD_LAYER_SETS))
-    check_choice("decomposition", decomposition, DECOMPOSITIONS)
-    check_choice("rank_budget", rank_budget, RANK_BUDGETS)
-    check_choice("task_norm", task_norm, TASK_NORMS)
-    check_number("eigen_exponent", eigen_exponent, minimum=0.0)
-    check_number("polarization_power", polarization_power)
-    check_number("output_factor", output_factor, minimum=0.0, strict=True)
-    for name, flag in (
-        ("task_scaling", task_scaling),
-        ("dimension_scaling", dimension_scaling),
-        ("layer_scaling", layer_scaling),
-        ("mean_singular_value_scaling", mean_singular_value_scaling),
-    ):
-        check_flag(name, flag)
-
     vectors = list(task_vectors)
     device = resolve_device(device)
     keys = list(vectors[0])
     targets = [key for key in esd_keys(keys, esd_layers) if is_matrix(key, vectors[0][key])]
-    if decomposition == "esd" and targets:  # no ESD layers among the keys: nothing needs data
+    if not targets:
+        layers = ", ".join(ESD_LAYER_SETS[esd_layers])
+        raise StateKeyError(
+            f"esm merges the image tower's blocks: it expects 2-D tensors named {BLOCK_KEY_PATTERN!r} with <layer> one "
+            f"of {layers} (e.g. 'visual.transformer.resblocks.0.attn.in_proj_weight'); the task vectors have none "
+            f"among their {describe_keys(keys)}{prefix_hint([], keys)}. For tensors outside that convention use tsv_m"
+        )
+    if decomposition == "esd":
         _check_subspaces(subspaces, vectors, targets, rank_budget)
     target_set = set(targets)
     options = dict(

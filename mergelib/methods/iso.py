@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, check_fraction, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
+from .common import Fraction, TaskVector, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
 from .registry import register
 
 
@@ -121,6 +121,7 @@ def iso_c(task_vectors: Sequence[TaskVector], *, device: torch.device | None = N
         "The task residual removes only the common left subspace.",
         *_COMMON_NOTES,
     ),
+    checks=dict(common_fraction=Fraction(zero_ok=False, one_ok=True)),
 )
 def iso_cts(
     task_vectors: Sequence[TaskVector], *, device: torch.device | None = None, common_fraction: float = 0.8
@@ -130,5 +131,4 @@ def iso_cts(
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
     path; every other tensor is averaged over the tasks.
     """
-    check_fraction("common_fraction", common_fraction, zero_ok=False, one_ok=True)
     return merge_per_key(task_vectors, _per_key(lambda stack: iso_cts_matrix(stack, common_fraction)), device=device)

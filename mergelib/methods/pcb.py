@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .common import TaskVector, check_choice, check_fraction, compute_dtype, merge_per_key, resolve_device, stacked
+from .common import Choice, Fraction, TaskVector, compute_dtype, merge_per_key, resolve_device, stacked
 from .registry import register
 from .ties import SCOPES
 
@@ -147,6 +147,7 @@ def pcb_global(task_vectors: Sequence[TaskVector], ratio: float, device: torch.d
         "lambda = 1 for every task (the PCB authors search it by an evolutionary strategy).",
         "0/0 in a min-max normalisation gives 0 here (NaN in the released code).",
     ),
+    checks=dict(ratio=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )
 def pcb(
     task_vectors: Sequence[TaskVector],
@@ -160,8 +161,6 @@ def pcb(
     ``ratio`` in (0, 1] is the fraction of each task's entries that get a weight; ``scope`` is
     ``"global"`` (statistics over the whole task vector, as released) or ``"per_tensor"``.
     """
-    check_fraction("ratio", ratio, zero_ok=False, one_ok=True)
-    check_choice("scope", scope, SCOPES)
     device = resolve_device(device)
     if scope == "per_tensor":
         count = len(task_vectors)

@@ -53,12 +53,12 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ParameterValueError
 from .common import (
+    Choice,
+    Flag,
+    Fraction,
+    Number,
     TaskVector,
-    check_choice,
-    check_flag,
-    check_fraction,
     concatenated_singular_vectors,
     is_all_zero,
     is_matrix,
@@ -170,6 +170,9 @@ def score_from_basis(
         "`keep='off_diagonal'` keeps the trimmed off-diagonal (released `ours_v3`); "
         "`keep='released_full'` reproduces the `ours_v4` bug (diagonal plus 1 everywhere).",
     ),
+    checks=dict(keep=Choice(KEEP_CHOICES), z=Number(minimum=0, strict=True), divide_by_tasks=Flag(),
+                trim_statistics=Choice(TRIM_STATISTICS), rank_fraction=Fraction(zero_ok=False, one_ok=True),
+                complete_basis=Flag()),
 )
 def score(
     task_vectors: Sequence[TaskVector],
@@ -187,13 +190,6 @@ def score(
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
     path; every other tensor is averaged over the tasks.
     """
-    check_choice("keep", keep, KEEP_CHOICES)
-    check_choice("trim_statistics", trim_statistics, TRIM_STATISTICS)
-    check_fraction("rank_fraction", rank_fraction, zero_ok=False, one_ok=True)
-    check_flag("complete_basis", complete_basis)
-    check_flag("divide_by_tasks", divide_by_tasks)
-    if not (isinstance(z, (int, float)) and z > 0):
-        raise ParameterValueError(f"z must be a positive number, got {z!r}")
     options = dict(keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics,
                    rank_fraction=rank_fraction, complete_basis=complete_basis)
 

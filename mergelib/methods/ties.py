@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import TaskVector, check_choice, check_fraction, compute_dtype, merge_per_key, resolve_device, stacked
+from .common import Choice, Fraction, TaskVector, compute_dtype, merge_per_key, resolve_device, stacked
 from .registry import register
 
 SCOPES = ("global", "per_tensor")
@@ -125,9 +125,8 @@ def disjoint_mean(trimmed: torch.Tensor, majority: int) -> torch.Tensor:
 
 def ties_merge(task_vectors: Sequence[TaskVector], *, device: torch.device | None, density: float, scope: str,
                preprocess: Preprocess | None = None) -> TaskVector:
-    """TIES on ``task_vectors`` (each task tensor first passed through ``preprocess``, if given)."""
-    check_fraction("density", density, zero_ok=False, one_ok=True)
-    check_choice("scope", scope, SCOPES)
+    """TIES on ``task_vectors`` (each task tensor first passed through ``preprocess``, if given);
+    ``density`` and ``scope`` as checked by the registered methods that call it."""
     device = resolve_device(device)
 
     if scope == "per_tensor":
@@ -170,6 +169,7 @@ def ties_merge(task_vectors: Sequence[TaskVector], *, device: torch.device | Non
         "negative entries if that is 0 too).",
         "Density 0.2 ('topk 20') and coefficient 1.0 as in SCORE's released settings.",
     ),
+    checks=dict(density=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )
 def ties(
     task_vectors: Sequence[TaskVector],
