@@ -4,9 +4,10 @@ The mathematics is pure functions over task vectors (dicts of tensors), register
 :data:`METHODS`; the models, data and protocols live in their own modules.
 """
 
+from .grid import merge_grid
 from .methods import METHODS, merge
 from .task_vectors import apply_task_vector as apply
 from .task_vectors import task_vector
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "merge", "apply", "task_vector", "__version__"]
+__all__ = ["METHODS", "merge", "merge_grid", "apply", "task_vector", "__version__"]

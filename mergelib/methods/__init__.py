@@ -19,7 +19,7 @@ from .registry import (
     validate_task_vectors,
 )
 
-_INFRASTRUCTURE = {"registry", "common"}
+_INFRASTRUCTURE = {"registry", "common", "factors"}
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")

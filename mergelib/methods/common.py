@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextvars import ContextVar
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,9 @@ import torch
 from ..errors import ParameterError, ParameterValueError, StateKeyError, TensorError
 
 TaskVector = dict[str, torch.Tensor]
+#: The :class:`mergelib.methods.factors.FactorCache` in effect, if any (set by its context manager):
+#: :func:`stacked` tells it which source tensors each stack holds.
+ACTIVE_FACTOR_CACHE: ContextVar = ContextVar("mergelib_factor_cache", default=None)
 EXCLUDED_FROM_MATRIX_PATH = "text_projection"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -286,6 +290,9 @@ def stacked(
     out = torch.empty((len(task_vectors), *first.shape), dtype=target, device=resolve_device(device))
     for index, vector in enumerate(task_vectors):
         out[index].copy_(vector[key])
+    cache = ACTIVE_FACTOR_CACHE.get()
+    if cache is not None:  # let the factor cache know which experts' tensors this stack holds
+        cache.note_stack(key, out, [vector[key] for vector in task_vectors])
     return out
 
 
@@ -377,8 +384,12 @@ def truncated_svd(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     several times cheaper than an SVD of the rectangular matrix, and, since the Gram of float32
     values is formed in float64, more accurate than a float32 SVD for every singular value above
     about 1e-8 of the largest. Square-ish and float64 matrices use the thin SVD of :func:`svd`.
-    A batch in which some task's top-k contains a (numerically) zero singular value falls back to
-    the SVD, whose null directions are then the LAPACK routine's choice.
+    A matrix whose top-k contains a (numerically) zero singular value falls back to the SVD, whose
+    null directions are then the LAPACK routine's choice; in a batch, only that matrix does.
+
+    Each matrix of a batch gets exactly (bitwise, on the CPU) the triplets it gets alone: the
+    batched LAPACK calls loop over the matrices, and the fallback is decided per matrix. The
+    factor cache (:mod:`mergelib.methods.factors`) relies on this to decompose each expert once.
     """
     m, n = matrices.shape[-2:]
     if matrices.dtype != torch.float32 or max(m, n) < GRAM_ASPECT * min(m, n):
@@ -389,14 +400,19 @@ def truncated_svd(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     values, vectors = torch.linalg.eigh(x.mT @ x)  # ascending
     values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
     floor = values[..., :1] * (torch.finfo(torch.float64).eps * x.shape[-2]) ** 2
-    if bool((values <= floor).any()):
+    deficient = (values <= floor).any(dim=-1)  # per matrix
+    if bool(deficient.all()):
         u, s, vh = svd(matrices)
         return u[..., :k], s[..., :k], vh[..., :k, :]
     singular = values.sqrt()
     long_side = (x @ vectors) / singular[..., None, :]  # the other side's singular vectors
     u, vh = (vectors, long_side.mT) if wide else (long_side, vectors.mT)
     u, vh = fix_signs(u, vh)
-    return u.to(matrices.dtype), singular.to(matrices.dtype), vh.to(matrices.dtype)
+    u, singular, vh = u.to(matrices.dtype), singular.to(matrices.dtype), vh.to(matrices.dtype)
+    if bool(deficient.any()):  # only in a batch (a single deficient matrix took the branch above)
+        su, ss, svh = svd(matrices[deficient])
+        u[deficient], singular[deficient], vh[deficient] = su[..., :k], ss[..., :k], svh[..., :k, :]
+    return u, singular, vh
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
@@ -459,10 +475,14 @@ def shared_basis(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[to
     with zero vectors and lets the SVD routine complete the polar factor with arbitrary orthonormal
     vectors; here :func:`orthonormal_completion` fills those slots deterministically.
     """
-    u_star = polar(left)
-    vh_star = polar(right)
-    missing = rank - left.shape[1]
-    if missing > 0:
-        u_star = torch.cat([u_star, orthonormal_completion(u_star, missing)], dim=1)
-        vh_star = torch.cat([vh_star, orthonormal_completion(vh_star.T, missing).T], dim=0)
-    return u_star, vh_star
+    return complete_basis(polar(left), polar(right), rank)
+
+
+def complete_basis(u_polar: torch.Tensor, vh_polar: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal ``u_polar (m x p)`` and ``vh_polar (p x n)`` extended to ``rank`` directions by
+    :func:`orthonormal_completion` (returned as they are when ``rank <= p``)."""
+    missing = rank - u_polar.shape[1]
+    if missing <= 0:
+        return u_polar, vh_polar
+    return (torch.cat([u_polar, orthonormal_completion(u_polar, missing)], dim=1),
+            torch.cat([vh_polar, orthonormal_completion(vh_polar.T, missing).T], dim=0))

@@ -99,8 +99,8 @@ from .common import (
     rank_per_task,
     resolve_device,
     stacked,
-    truncated_svd,
 )
+from .factors import task_triplets
 from .registry import MethodSpec, parse_method_spec, register
 from .tsv import tsv_merge_matrix
 
@@ -190,7 +190,7 @@ def esm_merge_matrix(
     k = rank_budget_of(key, (d_out, d_in), tasks, rank_budget)
     if subspaces is None:
         k = min(k, d_out, d_in)
-        left, singular, _ = truncated_svd(stack, k)  # [T, d_out, k], [T, k]
+        left, singular, _ = task_triplets(stack, k)  # [T, d_out, k], [T, k]; once per expert (methods.factors)
         bases = [(left[t], singular[t].square()) for t in range(tasks)]
     else:
         bases = list(subspaces)

@@ -66,8 +66,8 @@ from .common import (
     merge_per_key,
     rank_per_task,
     shared_basis,
-    truncated_svd,
 )
+from .factors import projection, shared_basis_of
 from .registry import register
 
 KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
@@ -86,7 +86,7 @@ def score_basis(
     tasks, rank = stack.shape[0], min(stack.shape[1:])
     k = rank_per_task(key, rank, tasks)
     k = max(1, int(rank_fraction * rank / tasks)) if rank_fraction != 1.0 else k
-    return basis_from_svd(truncated_svd(stack, k), k, complete=complete_basis)
+    return shared_basis_of(stack, k, rank if complete_basis else tasks * k)  # once per fold (factors)
 
 
 def basis_from_svd(decomposition, k: int, *, complete: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,15 +142,20 @@ def score_matrix(
     if is_all_zero(stack):
         return torch.zeros_like(stack[0])
     basis = score_basis(stack, key, rank_fraction=rank_fraction, complete_basis=complete_basis)
-    return score_from_basis(stack, *basis, keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics)
+    return score_from_basis(stack, *basis, keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics,
+                            basis_id=(float(rank_fraction), bool(complete_basis)))
 
 
 def score_from_basis(
     stack: torch.Tensor, u_star: torch.Tensor, vh_star: torch.Tensor, *, keep: str = "trimmed", z: float = 1.96,
-    divide_by_tasks: bool = True, trim_statistics: str = "released",
+    divide_by_tasks: bool = True, trim_statistics: str = "released", basis_id=None,
 ) -> torch.Tensor:
-    """Steps 2-4 of SCORE in a given shared basis: project, keep what ``keep`` says, sum, map back."""
-    projected = u_star.T @ stack @ vh_star.T
+    """Steps 2-4 of SCORE in a given shared basis: project, keep what ``keep`` says, sum, map back.
+
+    ``basis_id`` (hashable) names the basis among those of the same stack, so that a
+    :class:`mergelib.methods.factors.FactorCache` computes the projections once for every variant
+    that shares it; ``None`` never caches."""
+    projected = projection(stack, u_star, vh_star, basis_id)
     return u_star @ score_core(projected, keep, z, divide_by_tasks, trim_statistics) @ vh_star
 
 

@@ -27,15 +27,13 @@ import torch
 
 from .common import (
     TaskVector,
-    concatenated_singular_vectors,
     is_all_zero,
     is_matrix,
     mean_over_tasks,
     merge_per_key,
-    polar,
     rank_per_task,
-    truncated_svd,
 )
+from .factors import concatenation_polars
 from .registry import register
 
 
@@ -45,8 +43,8 @@ def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(stack[0])
     tasks, m, n = stack.shape
     k = rank_per_task(key, min(m, n), tasks)
-    left, values, right = concatenated_singular_vectors(*truncated_svd(stack, k), k)
-    return (polar(left) * values) @ polar(right)
+    u_polar, values, vh_polar = concatenation_polars(stack, k)  # once per fold (see methods.factors)
+    return (u_polar * values) @ vh_polar
 
 
 def tsv_merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
