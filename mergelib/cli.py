@@ -52,9 +52,9 @@ def _merge(args: argparse.Namespace) -> int:
 
     manifest = merge_checkpoint_files(
         args.method, args.pretrained, args.experts, args.output, parameters=parse_parameters(args.param),
-        alpha=args.alpha, prefix=args.prefix, device=args.device)
+        alpha=args.alpha, prefix=args.prefix, device=args.device, overwrite=args.overwrite)
     print(f"[mergelib] {args.method} of {len(args.experts)} experts written to {args.output} "
-          f"(sha256 {manifest['sha256'][:12]}…, manifest {args.output.with_suffix('.json')})", flush=True)
+          f"(sha256 {manifest['sha256'][:12]}…, provenance in its header)", flush=True)
     return 0
 
 
@@ -127,15 +127,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .importers import import_checkpoint, import_directory
+    from .importers import is_model_folder, import_checkpoint, import_directory
 
-    if args.source.is_dir():
-        done = import_directory(args.source, args.destination, backbone=args.backbone, trust_pickle=args.trust_pickle)
+    if args.source.is_dir() and not is_model_folder(args.source):  # a tall_masks-style tree, not one HF model
+        done = import_directory(args.source, args.destination, backbone=args.backbone, trust_pickle=args.trust_pickle,
+                                overwrite=args.overwrite)
         for item in done:
             print(f"[mergelib] {'imported' if item.imported else 'up to date'}: {item.name} -> {item.destination}", flush=True)
     else:
         manifest = import_checkpoint(args.source, args.destination, backbone=args.backbone, format=args.format,
-                                     trust_pickle=args.trust_pickle, fill_from=args.fill_from)
+                                     trust_pickle=args.trust_pickle, fill_from=args.fill_from, overwrite=args.overwrite)
         print(f"[mergelib] imported {args.source} -> {args.destination} (sha256 {manifest['sha256'][:12]}…)", flush=True)
     return 0
 
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(or, with --finetune, fine-tuned) experts")
     mt.add_argument("--backbone", required=True)
     mt.add_argument("--tasks", nargs="+", required=True, help="8, 14 or 20, or task names")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUTPUT even if mergelib did not write it (never an input)")
     mt.add_argument("--data-root", required=True, type=Path, help="folder holding the torchvision datasets")
     mt.add_argument("--experts-dir", required=True, type=Path, help="where `mergelib import` wrote {backbone}/{task}.safetensors")
     mt.add_argument("--results-dir", type=Path, default=Path("results/replication"))
@@ -255,10 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (MergelibError, ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    except (MergelibError, ValueError, KeyError, TypeError, OSError) as error:
+        # one line naming what is wrong and what to do, no traceback (OSError: disk full, a read-only folder, ...)
         print(f"mergelib {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace destination files mergelib did not write (never the source)")

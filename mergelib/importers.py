@@ -45,14 +45,18 @@ calling any of their methods.
 Every import normalises the keys to open_clip's image-encoder names (``visual.*``, as
 :mod:`mergelib.task_vectors`), drops the text side, checks keys and shapes against the backbone
 (:func:`check_architecture`), casts floating tensors to the backbone's dtype and writes
-``{destination}.safetensors`` plus a manifest (source path and SHA-256, format, backbone, filled
-and dropped keys, provenance) atomically with :func:`mergelib.checkpoints.save_state`.
+``{destination}.safetensors`` with its manifest (source path and SHA-256, format, backbone, filled
+and dropped keys, provenance) in the file's header, atomically, with
+:func:`mergelib.checkpoints.save_state`. An import never writes over its source (compared as
+files), nor over a file mergelib did not write unless ``overwrite=True``; the destination's
+folder is checked to be writable before the source is read. Imports written by older mergelib
+versions (a ``.json`` manifest beside the weights) are not read as imported: importing again
+replaces them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import pickle
 import re
 import sys
@@ -67,7 +71,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbones import BACKBONES, create_clip
-from .checkpoints import config_hash, load_state, manifest_path, save_state, sha256_file
+from .checkpoints import (
+    check_not_an_input,
+    check_replaceable,
+    check_writable,
+    config_hash,
+    is_mergelib_file,
+    load_state,
+    read_manifest,
+    save_state,
+    sha256_file,
+    shape_problems,
+    verify_checkpoint,
+)
 from .errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
 from .provenance import provenance
 from .task_vectors import PREFIX, StateDict, encoder_state
@@ -500,17 +516,6 @@ def expected_visual_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
     return {k: shape for k, shape, _ in _reference_visual(backbone)}
 
 
-def _shape_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-    problems = []
-    for key, shape in expected.items():
-        if key not in state:
-            problems.append(f"{key} missing (expected {shape})")
-        elif tuple(state[key].shape) != shape:
-            problems.append(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
-    problems.extend(f"{key} unexpected (shape {tuple(state[key].shape)})" for key in state if key not in expected)
-    return problems
-
-
 def matching_backbones(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Registered backbones whose image encoder has exactly these keys and shapes (``visual.proj`` may be missing)."""
     found = []
@@ -525,7 +530,7 @@ def matching_backbones(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def check_architecture(state: Mapping[str, torch.Tensor], backbone: str, *, source: str | Path = "checkpoint") -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state`` has exactly ``backbone``'s image-encoder keys and shapes."""
-    problems = _shape_problems(state, expected_visual_shapes(backbone))
+    problems = shape_problems(state, expected_visual_shapes(backbone))
     if not problems:
         return
     others = [name for name in matching_backbones(state) if name != backbone]
@@ -549,15 +554,25 @@ def check_architecture(state: Mapping[str, torch.Tensor], backbone: str, *, sour
 # Import
 # --------------------------------------------------------------------------------------------
 
+#: The weights files of a Hugging Face model folder, in the order they are looked for.
+HF_WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder (it holds one of :data:`HF_WEIGHTS_NAMES`)."""
+    return Path(path).is_dir() and any((Path(path) / name).is_file() for name in HF_WEIGHTS_NAMES)
+
+
 def _weights_file(source: Path) -> Path:
     """The weights file of ``source``; a directory is a Hugging Face model folder."""
     if not source.is_dir():
         return source
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in HF_WEIGHTS_NAMES:
         if (source / name).is_file():
             return source / name
     raise FileNotFoundError(
-        f"{source} is a directory without model.safetensors or pytorch_model.bin; pass the checkpoint file itself"
+        f"{source} is a directory without {' or '.join(HF_WEIGHTS_NAMES)}; pass the checkpoint file itself, "
+        f"or a folder in the layout {{root}}/{{model}}/{{Task}}Val/{FINETUNED_NAMES[0]} to import_directory"
     )
 
 
@@ -585,7 +600,7 @@ def _fill_state(fill_from: Mapping[str, torch.Tensor] | str | Path) -> tuple[Sta
             f"fill_from={path}: must be a state dict or a .safetensors file (import a pickled pretrained "
             "checkpoint first with import_checkpoint)"
         )
-    state = load_state(path)[0] if manifest_path(path).is_file() else load_file(str(path))
+    state = load_state(path)[0] if is_mergelib_file(path) else load_file(str(path))
     return normalize_open_clip_keys(state)[0], str(path)
 
 
@@ -650,8 +665,9 @@ def import_checkpoint(
     format: Format = "auto",
     trust_pickle: bool = False,
     fill_from: Mapping[str, torch.Tensor] | str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Import one checkpoint to ``destination`` (``.safetensors`` + ``.json`` manifest); return the manifest.
+    """Import one checkpoint to ``destination`` (``.safetensors``, manifest in its header); return the manifest.
 
     Args:
         source: a ``.pt``/``.bin``/pickle file, a ``.safetensors`` file, or a Hugging Face model
@@ -662,13 +678,20 @@ def import_checkpoint(
         trust_pickle: allow unpickling whole objects (see the module's safety rule).
         fill_from: pretrained state (dict or ``.safetensors`` path) to take keys the checkpoint
             lacks from, e.g. ``visual.proj`` of a ``CLIPVisionModel``; listed in ``filled_keys``.
+        overwrite: replace ``destination`` even if mergelib did not write it (never the source).
 
-    The source is read and checked completely before anything is written; the files are written
-    atomically, so a failed or interrupted import leaves no partial file behind.
+    The destination is checked first (not the source or ``fill_from``, compared as files; no
+    file mergelib did not write unless ``overwrite``; a writable folder); the source is read and
+    checked completely before anything is written; the file is written atomically, so a failed
+    or interrupted import leaves no partial file behind.
     """
     destination = Path(destination)
     _check_destination(destination)
     weights = _weights_file(Path(source))
+    inputs = [Path(source), weights] + ([Path(fill_from)] if isinstance(fill_from, (str, Path)) else [])
+    check_not_an_input(destination, inputs, what="destination")
+    check_replaceable(destination, overwrite=overwrite)
+    check_writable(destination)
     converted = convert_checkpoint(source, backbone=backbone, format=format, trust_pickle=trust_pickle, fill_from=fill_from)
     source_sha = sha256_file(weights)
     parameters = {
@@ -690,8 +713,7 @@ def import_checkpoint(
         "key": import_key(source_sha, backbone),
         "provenance": provenance(parameters),
     }
-    manifest_path(destination).unlink(missing_ok=True)  # never leave an old manifest beside new weights
-    return save_state(destination, converted.state, manifest)
+    return save_state(destination, converted.state, manifest, overwrite=overwrite)
 
 
 def import_key(source_sha256: str, backbone: str) -> str:
@@ -699,31 +721,30 @@ def import_key(source_sha256: str, backbone: str) -> str:
     return config_hash({"importer": IMPORTER_VERSION, "source_sha256": source_sha256, "backbone": backbone})
 
 
-def is_imported(destination: str | Path, source: str | Path, backbone: str) -> bool:
-    """Whether ``destination`` is a complete import of ``source`` (same source hash) for ``backbone``.
+def imported_manifest(destination: str | Path, source: str | Path, backbone: str) -> dict[str, Any] | None:
+    """The manifest of ``destination`` if it is a complete import of ``source`` (same source hash)
+    for ``backbone``, else None (missing, partial, stale, or written by an older mergelib).
 
-    Checks the manifest's key and the destination's own hash; a missing, partial or stale file is
-    not imported.
+    Checks the key in the header and the hash of the tensor data (no tensors are loaded).
     """
-    destination = Path(destination)
-    try:
-        manifest = load_manifest(destination)
-    except CorruptCheckpointError:
-        return False
     weights = _weights_file(Path(source))
-    return (
-        destination.is_file()
-        and manifest.get("key") == import_key(sha256_file(weights), backbone)
-        and manifest.get("sha256") == sha256_file(destination)
-    )
+    try:
+        return verify_checkpoint(Path(destination), key=import_key(sha256_file(weights), backbone))
+    except (CorruptCheckpointError, FileNotFoundError):
+        return None
+
+
+def is_imported(destination: str | Path, source: str | Path, backbone: str) -> bool:
+    """Whether ``destination`` is a complete import of ``source`` for ``backbone`` (see :func:`imported_manifest`)."""
+    return imported_manifest(destination, source, backbone) is not None
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The JSON manifest beside a checkpoint (no weights are read)."""
-    try:
-        return json.loads(manifest_path(Path(path)).read_text())
-    except (OSError, ValueError) as error:
-        raise CorruptCheckpointError(f"checkpoint {path}: manifest missing or unreadable ({error})") from error
+    """The manifest in a checkpoint's header (no weights are read, nothing is hashed): see
+    :func:`mergelib.checkpoints.read_manifest`. :class:`CorruptCheckpointError` names the file
+    when it is unreadable or carries no mergelib provenance (an import of an older mergelib
+    version, with a ``.json`` beside it, is reported as such: import it again)."""
+    return read_manifest(Path(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,6 +816,7 @@ def import_directory(
     tasks: Iterable[str] | None = None,
     trust_pickle: bool = False,
     fill_from: Mapping[str, torch.Tensor] | str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[ImportedFile]:
     """Import a folder of the released checkpoints to ``{destination}/{backbone}/{task}.safetensors``.
 
@@ -816,17 +838,22 @@ def import_directory(
             raise ParameterValueError(f"tasks {unknown} not found under {root}; available: {sorted(found)}")
         found = {t: found[t] for t in wanted}
     if not found and zeroshot is None:
-        raise FileNotFoundError(f"{root}: no checkpoints found for model {model or backbone!r}")
+        raise FileNotFoundError(
+            f"{root}: no checkpoints found for model {model or backbone!r}; expected the layout "
+            f"{{root}}/{model or backbone}/{{Task}}Val/{FINETUNED_NAMES[0]} (tall_masks) or "
+            f"{{root}}/{model or backbone}/{{Task}}/{FINETUNED_NAMES[1]} (task_vectors); to import one file, give the file")
     jobs = list(found.items()) + ([("zeroshot", zeroshot)] if zeroshot is not None else [])
     out_dir = Path(destination) / backbone
     results = []
     for name, source in jobs:
         target = out_dir / f"{name}.safetensors"
-        if is_imported(target, source, backbone):
-            results.append(ImportedFile(name, source, target, False, load_manifest(target)))
+        done = imported_manifest(target, source, backbone)
+        if done is not None:
+            results.append(ImportedFile(name, source, target, False, done))
             print(f"[mergelib] {target} already imported from {source}", file=sys.stderr, flush=True)
             continue
-        manifest = import_checkpoint(source, target, backbone=backbone, trust_pickle=trust_pickle, fill_from=fill_from)
+        manifest = import_checkpoint(source, target, backbone=backbone, trust_pickle=trust_pickle, fill_from=fill_from,
+                                     overwrite=overwrite)
         results.append(ImportedFile(name, source, target, True, manifest))
         print(f"[mergelib] imported {source} -> {target}", file=sys.stderr, flush=True)
     return results
@@ -862,7 +889,9 @@ __all__ = [
     "import_checkpoint",
     "import_directory",
     "import_pickled_checkpoint",
+    "imported_manifest",
     "is_imported",
+    "is_model_folder",
     "load_imported",
     "load_manifest",
     "looks_like_hf",

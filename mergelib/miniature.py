@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .backbones import BACKBONES, Clip, create_clip
-from .checkpoints import cached_state, cached_tables, config_hash
+from .checkpoints import cached_state, cached_tables, config_hash, expect_shapes
 from .data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, TASKS, ImageSet, make_domain_benchmark, make_task
 from .dg import evaluate_leave_one_domain_out
 from .errors import ParameterError, lookup
@@ -208,7 +208,10 @@ def expert_state(
                        "hyperparameters": finetune.as_dict(), "seed": finetune.seed,
                        "losses": [round(x, 5) for x in losses]}
 
-    return cached_state(path, key, build)
+    # tensors that do not fit the image encoder (an edited architecture, same key) are rebuilt
+    fits = expect_shapes({f"visual.{k}": v.shape for k, v in backbone.clip.model.visual.state_dict().items()},
+                         f"the {spec.name} image encoder")
+    return cached_state(path, key, build, check=fits)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .backbones import Clip, batch_to_model_input, create_clip
-from .checkpoints import cached_state, config_hash
+from .checkpoints import cached_state, config_hash, expect_shapes
 from .finetune import lr_factor
 from .data import TASKS, caption_for, make_pretraining_pool, make_task
 
@@ -171,8 +171,10 @@ def pretrained_tiny_clip(
         }
         return clip.model.state_dict(), fields
 
-    state, manifest = cached_state(path, key, build)
     clip = create_clip(BACKBONE, weights=None, device=device)
+    # a cached file of another tiny-clip architecture is rebuilt, not a crash in load_state_dict
+    fits = expect_shapes({k: v.shape for k, v in clip.model.state_dict().items()}, f"the {BACKBONE} architecture")
+    state, manifest = cached_state(path, key, build, check=fits)
     clip.model.load_state_dict(state)
     clip.model.eval()
     return clip, manifest

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from .backbones import Clip, create_clip
-from .checkpoints import atomic_write, cached_state, config_hash, load_state, manifest_path
+from .checkpoints import atomic_write, cached_state, config_hash, expect_shapes, legacy_manifest, load_state
 from .data.files import ImageFileSet
 from .dg import evaluate_leave_one_domain_out
 from .evaluation import EncoderEvaluator
@@ -421,13 +421,13 @@ def finetune_task_expert(
                        "templates": list(spec.templates), "finetune": recipe.as_dict(),
                        "emnist_rotate_flip": bool(emnist_rotate_flip and task == "EMNIST")})
     path = Path(experts_dir) / backbone / f"{task}.safetensors"
-    if manifest_path(path).is_file():
+    if path.exists():
         from .importers import load_manifest
 
         try:
             kind = load_manifest(path).get("kind")
-        except CorruptCheckpointError:
-            kind = None  # an unreadable manifest: cached_state reports and rebuilds it
+        except CorruptCheckpointError:  # unreadable: cached_state reports it; an older mergelib's import: refused too
+            kind = (legacy_manifest(path) or {}).get("kind")
         if kind == "imported_checkpoint":
             raise FileExistsError(f"{path} is an imported checkpoint; fine-tune into another experts_dir, or delete it first")
 

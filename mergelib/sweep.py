@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from .checkpoints import atomic_write, config_hash
+from .checkpoints import atomic_write, config_hash, remove_stale_temporaries
 from .errors import MergelibError, ParameterValueError, lookup
 from .provenance import code_fingerprint, git_state, provenance
 
@@ -374,12 +374,6 @@ def _write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files left by an :func:`atomic_write` of ``path`` that was killed."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------------------- worker
 
 
@@ -411,7 +405,7 @@ def execute_job(job: Job, results_dir: str | Path, modules: Sequence[str] = ()) 
         function = resolve_job_kind(job.kind)
         workdir = job.workdir(results_dir)
         workdir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
+        remove_stale_temporaries(path)  # a killed earlier run's temporaries of this record
         kwargs = {}
         if "inputs" in inspect.signature(function).parameters:
             kwargs["inputs"] = {d: json.loads(record_path(results_dir, d).read_text()) for d in job.after}
@@ -750,8 +744,8 @@ def merge_files_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     params: ``method`` (a name of :data:`mergelib.METHODS`), ``pretrained`` (path), ``experts``
     (paths), optional ``parameters`` (the method's), ``alpha`` (1.0), ``prefix`` ("": every
     floating-point tensor; "visual." for the image encoder) and ``device``. Use absolute paths:
-    workers may start elsewhere. Writes ``merged.safetensors`` (+ its manifest) in the working
-    directory, via :func:`mergelib.merge_files.merge_checkpoint_files`. Outputs: the merged
+    workers may start elsewhere. Writes ``merged.safetensors`` (its manifest in its header) in the
+    working directory, via :func:`mergelib.merge_files.merge_checkpoint_files`. Outputs: the merged
     file, its SHA-256, and the Frobenius norms of each expert's task vector and of the update
     applied to the pretrained weights (``merged - pretrained``, i.e. ``alpha`` times the merged
     task vector up to float rounding), over the merged tensors.

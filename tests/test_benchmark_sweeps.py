@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelib.backbones import create_clip
+from mergelib.checkpoints import load_state, save_state
 from mergelib.benchmark_sweeps import dg_sweep, multitask_sweep
 from mergelib.cli import main
 from mergelib.data.standins import TASK_STANDINS, make_dg_standin, make_task_standin
@@ -80,8 +81,8 @@ def test_dg_sweep_plans_finetunes_then_folds_then_the_store(dg):
 def test_dg_sweep_gives_the_same_experts_and_store_as_the_direct_run(dg):
     tmp, *_ = dg
     for domain in DOMAINS["PACS"]:
-        direct = json.loads((tmp / "ckpt-direct/tiny-clip/domain_generalization/PACS" / f"{domain}.json").read_text())
-        swept = json.loads((tmp / "ckpt-sweep/tiny-clip/domain_generalization/PACS" / f"{domain}.json").read_text())
+        direct = load_state(tmp / "ckpt-direct/tiny-clip/domain_generalization/PACS" / f"{domain}.safetensors")[1]
+        swept = load_state(tmp / "ckpt-sweep/tiny-clip/domain_generalization/PACS" / f"{domain}.safetensors")[1]
         assert direct["sha256"] == swept["sha256"]  # fine-tuning is deterministic and the recipes are the same
     direct, swept = _store(tmp / "direct"), _store(tmp / "swept")
     assert sorted(direct) == sorted(swept) and "matrix.csv" in direct and "score.csv" in direct
@@ -233,7 +234,7 @@ def test_multitask_sweep_fine_tunes_each_task_then_merges_each_method(multitask)
 def test_multitask_sweep_matches_the_direct_run(multitask):
     tmp, _, _, manifests, direct, jobs, _ = multitask
     for task in MT_TASKS:
-        swept = json.loads((tmp / "experts-sweep" / "tiny-clip" / f"{task}.json").read_text())
+        swept = load_state(tmp / "experts-sweep" / "tiny-clip" / f"{task}.safetensors")[1]
         assert swept["sha256"] == manifests[task]["sha256"] and swept["kind"] == "finetuned_task_expert"
         assert swept["hyperparameters"]["epochs"] == 2 and swept["hyperparameters"]["lr"] == 1e-3
     a, b = _store(tmp / "mt-direct", setting="multitask", name="2-tasks"), _store(tmp / "mt-swept", setting="multitask", name="2-tasks")
@@ -268,7 +269,7 @@ def test_experts_from_other_pretrained_weights_and_imported_files_are_refused(mu
                       normalize_with="experts", progress=False)
     imported = tmp_path / "experts" / "tiny-clip"
     imported.mkdir(parents=True)
-    (imported / "MNIST.json").write_text(json.dumps({"kind": "imported_checkpoint"}))
+    save_state(imported / "MNIST.safetensors", {"visual.proj": torch.zeros(1)}, {"kind": "imported_checkpoint"})
     with pytest.raises(FileExistsError, match="imported checkpoint"):
         finetune_task_experts("tiny-clip", ["MNIST"], data_root=data, experts_dir=tmp_path / "experts", weights=weights,
                               device="cpu", progress=False, **MT_RECIPE)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelib
+from mergelib.checkpoints import load_state
 from mergelib.cli import main
 from mergelib.methods import METHODS
 from mergelib.task_vectors import task_vector
@@ -53,7 +54,8 @@ def test_merge_writes_pretrained_plus_the_merged_task_vector_and_a_manifest(chec
     for key in merged:
         torch.testing.assert_close(merged[key], expected[key])
     assert torch.equal(merged["attn_mask_like_buffer"], pretrained["attn_mask_like_buffer"])
-    manifest = json.loads(out.with_suffix(".json").read_text())
+    manifest = load_state(out)[1]  # the provenance is in the file's header, no .json beside it
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("merged")) == ["merged.safetensors"]
     assert manifest["method"] == "score" and manifest["parameters"] == {"keep": "diagonal", "z": 1.5}
     assert manifest["alpha"] == 0.5 and len(manifest["experts"]) == 3 and len(manifest["sha256"]) == 64
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from mergelib import importers
 from mergelib.backbones import create_clip
-from mergelib.checkpoints import manifest_path, sha256_file
+from mergelib.checkpoints import sha256_file
 from mergelib.errors import CorruptCheckpointError
 from mergelib.importers import (
     CheckpointFormatError,
@@ -111,7 +111,7 @@ def test_plain_state_dict_with_each_prefix_imports_identical_tensors(tmp_path, v
     assert manifest["filled_keys"] == [] and manifest["dropped_keys"] == len(TEXT_KEYS)
     assert manifest["provenance"]["parameters"]["source_sha256"] == manifest["source_sha256"]
     assert {"mergelib", "torch", "open_clip_torch"} <= set(manifest["provenance"]["versions"])
-    assert sorted(p.name for p in destination.parent.iterdir()) == ["task.json", "task.safetensors"]
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["task.safetensors"]  # provenance in its header
 
 
 def test_training_checkpoint_wrapper_and_half_precision_are_read(tmp_path, visual):
@@ -387,10 +387,10 @@ def test_directory_import_is_complete_and_idempotent(tmp_path, visual):
 
     assert [(r.name, r.imported) for r in first] == [("Cars", True), ("MNIST", True), ("zeroshot", True)]
     out = destination / "tiny-clip"
-    assert sorted(_snapshot(out)) == sorted(f"{n}.{e}" for n in ("Cars", "MNIST", "zeroshot") for e in ("json", "safetensors"))
+    assert sorted(_snapshot(out)) == ["Cars.safetensors", "MNIST.safetensors", "zeroshot.safetensors"]
     _assert_same_state(load_imported(out / "MNIST.safetensors", "tiny-clip")[0], _perturbed(visual, 1))
     _assert_same_state(load_imported(out / "zeroshot.safetensors", "tiny-clip")[0], visual)
-    assert json.loads(manifest_path(out / "zeroshot.safetensors").read_text())["source"].endswith("MNISTVal/nonlinear_zeroshot.pt")
+    assert importers.load_manifest(out / "zeroshot.safetensors")["source"].endswith("MNISTVal/nonlinear_zeroshot.pt")
     before = _snapshot(out)
 
     second = import_directory(root, destination, backbone="tiny-clip")
