@@ -137,23 +137,28 @@ def dg_sweep(
     a ``dg-fold`` per held-out domain (after all fine-tunes of its backbone and dataset) and a
     ``dg-collect`` per (backbone, dataset). ``domains`` restricts a dataset's domains
     (``{"PACS": ["photo", "sketch", ...]}``); ``options`` are :data:`DG_OPTIONS`. Paths are made
-    absolute (workers may start elsewhere)."""
+    absolute (workers may start elsewhere). Every name (backbones, datasets, domains, methods and
+    their parameters, options) is checked before any job is planned."""
     from .data.dg_datasets import get_dg_dataset
-    from .replication import PAPER_DG_METHODS
+    from .evaluation import check_precision_name
+    from .replication import PAPER_DG_METHODS, check_backbones, dg_domains, method_specs
 
     unknown = sorted(set(options) - set(DG_OPTIONS))
     if unknown:
         raise ParameterValueError(f"unknown options {unknown} for the domain-generalization sweep; valid: {', '.join(DG_OPTIONS)}")
-    methods = list(methods or PAPER_DG_METHODS)
+    backbones = check_backbones(backbones)
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    stray = sorted(set(domains or {}) - set(datasets))
+    if stray:
+        raise ParameterValueError(f"domains are given for {stray}, which are not among the sweep's datasets {datasets}")
+    methods = [spec.label for spec in method_specs(methods or PAPER_DG_METHODS)]
+    check_precision_name(options.get("precision", "fp32"))
+    chosen_domains = {dataset: dg_domains(dataset, (domains or {}).get(dataset) or None) for dataset in datasets}
     options = _portable(options)
     jobs: list[Job] = []
     for dataset in datasets:
         spec = get_dg_dataset(dataset)
-        chosen = list((domains or {}).get(dataset) or spec.domains_in_iteration_order)
-        bad = [d for d in chosen if d not in spec.domains]
-        if bad:
-            raise ParameterValueError(f"{dataset} has no domains {bad}; its domains are {list(spec.domains)}")
-        chosen = [d for d in spec.domains_in_iteration_order if d in chosen]
+        chosen = chosen_domains[dataset]
         for backbone in backbones:
             base = {"backbone": backbone, "dataset": spec.name, "data_root": str(Path(data_root).resolve()),
                     "checkpoint_dir": str(Path(checkpoint_dir).resolve()), **options}
@@ -219,16 +224,19 @@ def multitask_sweep(
     task); an ``mt-merge`` per (backbone, method), after its backbone's fine-tunes. Without
     ``finetune`` the experts must be in ``experts_dir`` already (``mergelib import``). ``options``
     are :data:`MT_FINETUNE_OPTIONS` and :data:`MT_MERGE_OPTIONS`; each job takes those it knows."""
-    from .data.task_suites import TASKS, suite_tasks
-    from .errors import lookup
-    from .replication import PAPER_MT_METHODS
+    from .replication import PAPER_MT_METHODS, check_backbones, check_multitask_run, method_specs, task_names
 
     unknown = sorted(set(options) - set(MT_FINETUNE_OPTIONS) - set(MT_MERGE_OPTIONS))
     if unknown:
         raise ParameterValueError(f"unknown options {unknown} for the multi-task sweep; valid: "
                                   f"{', '.join(sorted(set(MT_FINETUNE_OPTIONS) | set(MT_MERGE_OPTIONS)))}")
+    methods = [spec.label for spec in method_specs(methods or PAPER_MT_METHODS)]
+    backbones, names = check_backbones(backbones), task_names(tasks)
+    for backbone in backbones:  # without fine-tuning, every expert must be there already
+        check_multitask_run(backbone, names, precision=options.get("precision", "fp32"),
+                            normalize_with=options.get("normalize_with", "published"),
+                            experts_dir=None if finetune else experts_dir)
     options = _portable(options)
-    names = list(suite_tasks(tasks)) if isinstance(tasks, int) else [lookup(TASKS, "task", t).name for t in tasks]
     paths = {"data_root": str(Path(data_root).resolve()), "experts_dir": str(Path(experts_dir).resolve())}
     jobs: list[Job] = []
     for backbone in backbones:
@@ -237,7 +245,7 @@ def multitask_sweep(
         merges = [Job("mt-merge", {"backbone": backbone, "tasks": names, "method": m, **paths,
                                    "results_dir": str(Path(results_dir).resolve()), **_options(options, MT_MERGE_OPTIONS)},
                       tuple(experts))
-                  for m in (methods or PAPER_MT_METHODS)]
+                  for m in methods]
         jobs += [*experts, *merges]
     return plan_sweep(jobs)
 

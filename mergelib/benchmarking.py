@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .backbones import BACKBONES, Clip, create_clip
 from .errors import ParameterValueError, lookup
-from .evaluation import PRECISIONS
+from .evaluation import check_precision_name
 from .finetune import PAPER_FINETUNE, FinetuneConfig, TrainingStep
 from .heads import ClassificationHead
 from .methods.common import resolve_device
@@ -72,8 +72,7 @@ def check_precision(precision: str, device: torch.device) -> None:
     fp32 is always possible; bf16 and fp16 need autocast to produce that dtype on the device
     (probed with one small matrix product), and bf16 on CUDA a GPU that supports it.
     """
-    if precision not in PRECISIONS:
-        raise ParameterValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision_name(precision)
     if precision == "fp32":
         return
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -59,12 +59,15 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _replicate_dg(args: argparse.Namespace) -> int:
-    from .replication import PAPER_DG_METHODS, run_domain_generalization
+    from .replication import PAPER_DG_METHODS, check_dg_run, run_domain_generalization
 
+    methods = args.methods or PAPER_DG_METHODS
+    for dataset in args.datasets:  # every dataset's names checked before the first one's experts are fine-tuned
+        check_dg_run(args.backbone, dataset, methods=methods, precision=args.precision)
     for dataset in args.datasets:
         results, _ = run_domain_generalization(
             args.backbone, dataset, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir,
-            results_dir=args.results_dir, methods=args.methods or PAPER_DG_METHODS, weights=args.weights,
+            results_dir=args.results_dir, methods=methods, weights=args.weights,
             device=args.device, precision=args.precision, epochs=args.epochs, batch_size=args.batch_size,
             accumulation_steps=args.accumulation_steps, num_workers=args.workers)
         means = results.groupby("method")["score"].mean().mul(100).sort_values(ascending=False)
@@ -73,9 +76,11 @@ def _replicate_dg(args: argparse.Namespace) -> int:
 
 
 def _replicate_multitask(args: argparse.Namespace) -> int:
-    from .replication import PAPER_MT_METHODS, finetune_task_experts, run_multitask
+    from .replication import PAPER_MT_METHODS, check_multitask_run, finetune_task_experts, run_multitask
 
-    tasks = int(args.tasks[0]) if len(args.tasks) == 1 and args.tasks[0].isdigit() else args.tasks
+    # every name, and without --finetune every expert, checked before the backbone is loaded
+    tasks = check_multitask_run(args.backbone, args.tasks, methods=args.methods or PAPER_MT_METHODS,
+                                precision=args.precision, experts_dir=None if args.finetune else args.experts_dir)
     if args.finetune:
         finetune_task_experts(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
                               weights=args.weights, device=args.device, precision=args.precision,
@@ -91,9 +96,12 @@ def _replicate_multitask(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .benchmark_sweeps import dg_sweep, multitask_sweep
+    from .errors import ParameterValueError
     from .merge_files import parse_parameters
-    from .sweep import run_sweep, sweep_status
+    from .sweep import check_executor, run_sweep, sweep_status
 
+    if not args.status:
+        check_executor(args.executor)  # slurm without sbatch here: said at once, before anything is planned
     options = {"weights": args.weights, "device": args.device, "precision": args.precision, "num_workers": args.workers}
     for name in ("epochs", "batch_size", "accumulation_steps"):
         if getattr(args, name) is not None:
@@ -103,13 +111,13 @@ def _sweep(args: argparse.Namespace) -> int:
         for item in args.domains:
             dataset, sep, names = item.partition("=")
             if not sep or not names:
-                raise ValueError(f"--domains expects DATASET=domain,domain,..., got {item!r}")
+                raise ParameterValueError(f"--domains expects DATASET=domain,domain,..., got {item!r}")
             domains[dataset] = names.split(",")
         jobs = dg_sweep(args.backbones, args.datasets, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir,
                         results_dir=args.results_dir, methods=args.methods, domains=domains, **options)
         sweep_dir = args.sweep_dir or args.checkpoint_dir / "sweep"
     else:
-        tasks = int(args.tasks[0]) if len(args.tasks) == 1 and args.tasks[0].isdigit() else args.tasks
+        tasks = args.tasks  # a suite size ("8") or task names: multitask_sweep checks them (replication.task_names)
         if args.emnist_rotate_flip:
             options["emnist_rotate_flip"] = True
         jobs = multitask_sweep(args.backbones, tasks, data_root=args.data_root, experts_dir=args.experts_dir,

@@ -68,12 +68,20 @@ class EncoderEvaluator:
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def check_precision_name(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a clear error."""
+    from .errors import ParameterValueError
+
+    if precision not in PRECISIONS:
+        raise ParameterValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def autocast_context(precision: str, device: torch.device):
     """A factory of autocast contexts for ``precision`` (``fp32``: no autocast)."""
     import contextlib
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision_name(precision)
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -47,7 +47,7 @@ from .methods import MethodSpec, parse_method_spec
 from .methods.common import resolve_device
 from .methods.esm import needs_essential_subspaces
 from .provenance import git_state, provenance, write_json
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
 from .task_vectors import PREFIX, StateDict, encoder_state, task_vector
 
 #: The methods of SCORE's comparison (its README's list plus SCORE and weight averaging).
@@ -97,11 +97,59 @@ def paper_recipe(epochs: int, *, precision: str = "fp32", batch_size: int = 128,
                    accumulation_steps=accumulation_steps, **overrides)
 
 
+def method_specs(methods: str | MethodSpec | Sequence[str | MethodSpec]) -> list[MethodSpec]:
+    """The method specs of a run, every one parsed and checked (method names, parameter names,
+    and values as far as :func:`mergelib.methods.parse_method_spec` checks them) before any work;
+    a single spec (``"score"``) is one method, never read letter by letter."""
+    if isinstance(methods, (str, MethodSpec)):
+        methods = [methods]
+    return [method if isinstance(method, MethodSpec) else parse_method_spec(method) for method in methods]
+
+
+def check_backbones(backbones: str | Sequence[str]) -> list[str]:
+    """Registered backbone names (:data:`mergelib.backbones.BACKBONES`), checked before any work."""
+    from .backbones import BACKBONES
+
+    names = [backbones] if isinstance(backbones, str) else list(backbones)
+    for name in names:
+        lookup(BACKBONES, "backbone", name)
+    return names
+
+
+def dg_domains(dataset: str, domains: str | Sequence[str] | None = None) -> list[str]:
+    """The domains of a leave-one-domain-out run, in the dataset's released order: all of them
+    (``None``) or the named ones, each checked against the dataset's domains."""
+    from .data.dg_datasets import get_dg_dataset
+
+    spec = get_dg_dataset(dataset)
+    if domains is None:
+        return list(spec.domains_in_iteration_order)
+    chosen = [domains] if isinstance(domains, str) else list(domains)
+    unknown = [d for d in chosen if d not in spec.domains]
+    if unknown:
+        raise ParameterValueError(f"{dataset} has no domains {unknown}; its domains are {list(spec.domains)}")
+    return [d for d in spec.domains_in_iteration_order if d in chosen]
+
+
+def check_dg_run(backbone: str, dataset: str, *, methods: Any = None, domains: Sequence[str] | None = None,
+                 precision: str = "fp32") -> list[str]:
+    """Every name of one leave-one-domain-out run checked before any checkpoint is loaded or any
+    expert fine-tuned: the backbone, the dataset, its domains, the method specs (when given) and
+    the precision. Returns the domains (see :func:`dg_domains`)."""
+    from .evaluation import check_precision_name
+
+    check_backbones([backbone])
+    chosen = dg_domains(dataset, domains)
+    if methods is not None:
+        method_specs(methods)
+    check_precision_name(precision)
+    return chosen
+
+
 def _method_specs(methods: Sequence[str | MethodSpec], trim_divide_by_tasks: bool) -> list[MethodSpec]:
     """Method specs, SCORE's given the dataset's released threshold unless the spec sets it."""
     specs = []
-    for method in methods:
-        spec = method if isinstance(method, MethodSpec) else parse_method_spec(method)
+    for spec in method_specs(methods):
         if spec.name == "score" and "divide_by_tasks" not in spec.params:
             spec = MethodSpec(spec.label, spec.name, {**spec.params, "divide_by_tasks": trim_divide_by_tasks})
         specs.append(spec)
@@ -282,14 +330,8 @@ def prepare_dg_experiment(
     for :func:`mergelib.data.dg_datasets.load_domain`."""
     from .data.dg_datasets import get_dg_dataset, load_domain
 
+    domains = check_dg_run(backbone, dataset, domains=domains, precision=precision)
     spec = get_dg_dataset(dataset)
-    if domains is None:
-        domains = list(spec.domains_in_iteration_order)
-    else:
-        unknown = [d for d in domains if d not in spec.domains]
-        if unknown:
-            raise ValueError(f"{dataset} has no domains {unknown}; its domains are {list(spec.domains)}")
-        domains = [d for d in spec.domains_in_iteration_order if d in domains]
     torch_device = resolve_device(device)
     options = dict(loader_options or {})
     train = {d: load_domain(dataset, data_root, d, "train", **options) for d in domains}
@@ -328,8 +370,11 @@ def run_domain_generalization(
     local weights, or ``None`` for a random initialisation, which only tests use), ``device``,
     ``precision``, ``epochs`` (overrides the dataset's released count), ``batch_size``,
     ``accumulation_steps``, ``num_workers``, ``eval_batch_size``, ``esm_proxy_count``,
-    ``finetune_overrides`` and ``loader_options``.
+    ``finetune_overrides`` and ``loader_options``. Every name (backbone, dataset, domains,
+    methods and their parameters) is checked before anything is loaded or fine-tuned.
     """
+    check_dg_run(backbone, dataset, methods=methods, domains=options.get("domains"),
+                 precision=options.get("precision", "fp32"))
     started = git_state()
     clock = time.perf_counter()
     experiment = prepare_dg_experiment(backbone, dataset, data_root=data_root, checkpoint_dir=checkpoint_dir, **options)
@@ -377,6 +422,63 @@ def task_split_fingerprint(task: str, dataset: torch.utils.data.Dataset, classna
 
 
 FINETUNED_TASK_EXPERT = "finetuned_task_expert"
+
+
+class MissingExpertsError(MergelibError, FileNotFoundError):
+    """Task experts that a multi-task run needs are not in the experts folder."""
+
+
+def task_names(tasks: int | str | Sequence[str]) -> list[str]:
+    """The tasks of a multi-task run, each checked: a suite size (8, 14, 20, also as ``"8"`` or
+    ``["8"]``) gives its tasks in the released order; a task name or a list of them gives those
+    (:data:`mergelib.data.task_suites.TASKS`), never read letter by letter."""
+    from .data.task_suites import TASKS, suite_tasks
+
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not isinstance(tasks, int) and len(tasks) == 1 and str(tasks[0]).strip().isdigit():
+        tasks = int(str(tasks[0]).strip())
+    if isinstance(tasks, int) and not isinstance(tasks, bool):
+        return list(suite_tasks(tasks))
+    names = [lookup(TASKS, "task", t).name for t in tasks]
+    if not names:
+        raise ParameterValueError("no tasks given; name a suite (8, 14 or 20) or tasks of mergelib.data.task_suites.TASKS")
+    return names
+
+
+def check_task_experts(experts_dir: str | Path, backbone: str, tasks: Sequence[str]) -> None:
+    """Raise :class:`MissingExpertsError` naming every task whose expert is not in
+    ``experts_dir/{backbone}/{task}.safetensors`` and how to get them."""
+    folder = Path(experts_dir) / backbone
+    missing = [t for t in tasks if not (folder / f"{t}.safetensors").is_file()]
+    if missing:
+        raise MissingExpertsError(
+            f"no experts for {len(missing)} of the {len(tasks)} tasks in {folder}: {', '.join(missing)} "
+            f"(expected {folder}/<task>.safetensors). Import the public checkpoints once with "
+            f"`mergelib import <folder of checkpoints> {experts_dir} --backbone {backbone} --trust-pickle`, "
+            "or fine-tune them with `mergelib replicate-multitask ... --finetune` "
+            "(Python: mergelib.replication.finetune_task_experts)")
+
+
+def check_multitask_run(backbone: str, tasks: int | str | Sequence[str], *, methods: Any = None,
+                        experts_dir: str | Path | None = None, precision: str = "fp32",
+                        normalize_with: str = "published") -> list[str]:
+    """Every name of a multi-task run checked before any checkpoint is loaded or any expert
+    fine-tuned: the backbone, the tasks, the method specs (when given), the precision and
+    ``normalize_with``; with ``experts_dir``, that every task's expert is there. Returns the
+    task names (see :func:`task_names`)."""
+    from .evaluation import check_precision_name
+
+    names = task_names(tasks)
+    check_backbones([backbone])
+    if methods is not None:
+        method_specs(methods)
+    check_precision_name(precision)
+    if normalize_with not in ("published", "experts"):
+        raise ParameterValueError(f"normalize_with must be 'published' or 'experts', got {normalize_with!r}")
+    if experts_dir is not None:
+        check_task_experts(experts_dir, backbone, names)
+    return names
 
 
 def finetune_task_expert(
@@ -454,10 +556,16 @@ def finetune_task_experts(
     progress: bool = True,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`finetune_task_expert` for every task of a suite (8, 14, 20) or list; manifests by task."""
-    from .data.task_suites import suite_tasks
+    """:func:`finetune_task_expert` for every task of a suite (8, 14, 20) or list; manifests by task.
+    The backbone, the task names and the options are checked before the backbone is loaded."""
+    import inspect
 
-    names = list(suite_tasks(tasks)) if isinstance(tasks, int) else list(tasks)
+    names = check_multitask_run(backbone, tasks, precision=options.get("precision", "fp32"))
+    valid = [p for p in inspect.signature(finetune_task_expert).parameters
+             if p not in ("clip", "task", "data_root", "experts_dir", "device", "progress")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ParameterValueError(f"unknown options {unknown} for finetune_task_experts; valid: {', '.join(valid)}")
     torch_device = resolve_device(device)
     clip = create_clip(backbone, weights=weights, device=torch_device)
     return {t: finetune_task_expert(clip, t, data_root=data_root, experts_dir=experts_dir, device=torch_device,
@@ -509,19 +617,21 @@ def run_multitask(
     provenance record as ``provenance_name`` there (the sweep runs one method per job and gives
     each its own record). Experts fine-tuned by :func:`finetune_task_expert` record the pretrained
     weights they started from; evaluating them against other pretrained weights is an error.
+    Every name (backbone, tasks, methods and their parameters) and the presence of every expert
+    are checked before the backbone is loaded.
     """
     from .coefficients import search_alpha
-    from .data.task_suites import TASKS, load_task, published_finetuned_accuracy, suite_tasks
+    from .data.task_suites import TASKS, load_task, published_finetuned_accuracy
     from .evaluation import classification_metrics
     from .importers import CheckpointMismatchError, load_imported
     from .methods import merge
     from .task_vectors import apply_task_vector
 
+    names = check_multitask_run(backbone, tasks, methods=methods, experts_dir=experts_dir, precision=precision,
+                                normalize_with=normalize_with)
+    specs = method_specs(methods)
     started = git_state()
-    names = list(suite_tasks(tasks)) if isinstance(tasks, int) else list(tasks)
     suite = f"{len(names)}-tasks"
-    if normalize_with not in ("published", "experts"):
-        raise ValueError(f"normalize_with must be 'published' or 'experts', got {normalize_with!r}")
     torch_device = resolve_device(device)
     clip = create_clip(backbone, weights=weights, device=torch_device)
     folder = Path(experts_dir) / backbone
@@ -562,7 +672,6 @@ def run_multitask(
     rows = [{"method": "zero-shot", "alpha": float("nan"), "split": split, "task": t, "accuracy": a,
              "normalized_accuracy": _ratio(a, reference[split][t]), "selected": True}
             for split in ("val", "test") for t, a in accuracies(pretrained, split).items()]
-    specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
     searches = {}
     for spec in specs:
         extra = {}

@@ -65,6 +65,20 @@ EXECUTORS = ("inline", "local", "slurm", "debug", "auto")
 #: kills a job after 2 minutes by default, too short for fine-tuning.
 DEFAULT_EXECUTOR_OPTIONS: dict[str, Any] = {"timeout_min": 12 * 60}
 
+
+def check_executor(executor: str) -> str:
+    """``executor`` if it is one of :data:`EXECUTORS` and can run here, else a clear error:
+    ``"slurm"`` needs SLURM's ``sbatch`` on ``PATH`` (a cluster's login node)."""
+    import shutil
+
+    if executor not in EXECUTORS:
+        raise ParameterValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise ParameterValueError(
+            "executor 'slurm' needs SLURM, but `sbatch` is not on PATH on this machine; run the sweep from the "
+            "cluster's login node, or use executor 'local' (--executor local: subprocesses of this machine)")
+    return executor
+
 JobFunction = Callable[..., Mapping[str, Any]]
 
 
@@ -602,8 +616,7 @@ def run_sweep(
     params) is reported, deleted and its job rerun. Waves run in dependency order; dependants
     of a failed job are blocked, not run. Do not run two sweeps over one ``results_dir`` at once.
     """
-    if executor not in EXECUTORS:
-        raise ParameterValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
+    check_executor(executor)
     if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
         raise ParameterValueError(f"max_parallel must be a positive integer or None, got {max_parallel!r}")
     results_dir = Path(results_dir).resolve()

@@ -34,7 +34,7 @@ from PIL import Image
 from ..errors import ParameterValueError, lookup
 from .dg_datasets import DG_DATASETS, SPLITS, DGDatasetSpec, get_dg_dataset
 
-__all__ = ["make_dg_standin", "make_task_standin", "standin_image", "TASK_STANDINS"]
+__all__ = ["check_task_standin", "make_dg_standin", "make_task_standin", "standin_image", "TASK_STANDINS"]
 
 
 def standin_image(class_index: int, domain_index: int, seed_parts: Sequence[int], size: tuple[int, int]) -> Image.Image:
@@ -166,6 +166,19 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
+def check_task_standin(name: str) -> str:
+    """``name`` if :func:`make_task_standin` can write it, else a clear error (an unknown task
+    gets the registry's error listing the valid names)."""
+    from . import task_suites as ts
+
+    if name not in TASK_STANDINS:
+        lookup(ts.TASKS, "task", name)
+        raise ParameterValueError(
+            f"no stand-in for {name}: torchvision checks the MD5 sums of its real files; stand-ins exist for "
+            f"{', '.join(TASK_STANDINS)}")
+    return name
+
+
 def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4, n_classes: int = 5, seed: int = 0,
                       image_size: int = 32) -> Path:
     """Write a stand-in of suite task ``name`` under ``root`` in the layout that
@@ -179,11 +192,7 @@ def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4,
     """
     from . import task_suites as ts
 
-    if name not in TASK_STANDINS:
-        lookup(ts.TASKS, "task", name)  # unknown task: the registry's error
-        raise ParameterValueError(
-            f"no stand-in for {name}: torchvision checks the MD5 sums of its real files; stand-ins exist for "
-            f"{', '.join(TASK_STANDINS)}")
+    check_task_standin(name)
     if images_per_class < 1 or n_classes < 1:
         raise ParameterValueError(f"images_per_class and n_classes must be at least 1, got {images_per_class}, {n_classes}")
     root = Path(root)
