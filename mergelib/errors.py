@@ -34,13 +34,7 @@ class ParameterValueError(MergelibError, ValueError):
 
 
 class CorruptCheckpointError(MergelibError, ValueError):
-    """A checkpoint file cannot be used: unreadable (truncated, empty, not safetensors, not a
-    regular file), without mergelib's provenance, or not matching it (edited, another key)."""
-
-
-class OutputRefusedError(MergelibError, ValueError):
-    """mergelib refuses to write an output: it is one of the inputs, a file mergelib did not
-    write (without ``overwrite``), or a location that cannot be written."""
+    """A cached checkpoint does not match its manifest (truncated, edited, or foreign)."""
 
 
 class TensorError(MergelibError, ValueError):
@@ -48,9 +42,10 @@ class TensorError(MergelibError, ValueError):
     tensors (no data), no tensors at all, or a result that overflows its dtype."""
 
 
-class StateKeyError(MergelibError, KeyError):
+class StateKeyError(MergelibError, KeyError, ValueError):
     """A state dict or task vector lacks the keys a function needs, or has keys outside the naming
-    convention it works on (open_clip's full-model names, ``visual.*``)."""
+    convention it works on (open_clip's full-model names, ``visual.*``). A ``KeyError`` and, as an
+    argument with a wrong value, a ``ValueError``."""
 
 
 def lookup(registry: dict, kind: str, name: str):

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.common import compute_dtype, fix_signs, resolve_device
+from .methods.common import compute_dtype, fix_signs, require_keys, resolve_device
 
 if TYPE_CHECKING:  # the backbones module imports open_clip; only needed by subspaces_of_experts
     from .backbones import Clip
@@ -318,14 +318,13 @@ def essential_subspaces(
     result: dict[str, Subspace] = {}
 
     def decompose(key: str, x: torch.Tensor) -> None:
-        if key not in task_vector:
-            raise KeyError(f"task vector has no {key!r} (expected visual.* names of the image encoder)")
         delta = task_vector[key].to(device=x.device, dtype=compute_dtype(x.dtype))
         vectors, values = activation_pca(x.detach(), delta, keep=_resolve_keep(keep, delta.shape[0]))
         result[key] = (vectors.cpu(), values.cpu())
 
     try:
         with layer_input_hooks(expert, decompose, layers=layers) as keys, torch.no_grad():
+            require_keys(task_vector, keys, what="the task vector (for the hooked ESD layers)")
             expert(proxy_inputs.to(device))
     finally:
         del expert

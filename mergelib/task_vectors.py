@@ -19,7 +19,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
-PREFIX = "visual."
+from .errors import ParameterError, TensorError
+from .methods.common import VISUAL_PREFIX, check_number, check_tensor, require_keys
+
+PREFIX = VISUAL_PREFIX
 StateDict = dict[str, torch.Tensor]
 
 
@@ -41,35 +44,68 @@ def task_vector(
 
     ``dtype``: that of the result (default: the pretrained tensor's); float64 makes the round
     trip through :func:`apply_task_vector` exact for float32 weights.
+
+    Refused, naming the key: a pretrained key the fine-tuned state lacks, a different shape, a
+    fine-tuned tensor that is not floating point where the pretrained one is, NaN or Inf, meta
+    tensors, and a state without any floating-point tensor.
     """
-    missing = [k for k in pretrained if k not in finetuned]
-    if missing:
-        raise KeyError(f"fine-tuned state lacks {len(missing)} pretrained keys, e.g. {missing[:3]}")
+    _check_state(pretrained, "pretrained")
+    _check_state(finetuned, "fine-tuned state")
+    require_keys(finetuned, pretrained, what="the fine-tuned state")
     vector = {}
     for key, base in pretrained.items():
+        check_tensor(f"pretrained[{key!r}]", base)
         if not base.is_floating_point():
             continue
-        tuned = finetuned[key]
+        tuned = check_tensor(f"fine-tuned[{key!r}]", finetuned[key])
         if tuned.shape != base.shape:
-            raise ValueError(f"{key}: fine-tuned shape {tuple(tuned.shape)} != pretrained {tuple(base.shape)}")
+            raise TensorError(f"{key!r}: fine-tuned shape {tuple(tuned.shape)} != pretrained {tuple(base.shape)}")
+        if not tuned.is_floating_point():
+            raise TensorError(f"{key!r}: fine-tuned tensor is {tuned.dtype} where the pretrained one is {base.dtype}")
         wide = dtype or base.dtype
         vector[key] = tuned.to(wide) - base.to(wide)
+    if not vector:
+        raise TensorError(f"pretrained has no floating-point tensor among its {len(pretrained)} key(s): no task vector")
     return vector
+
+
+def _check_state(state: object, what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise ParameterError(f"{what} must be a dict of tensors (a state dict), got {type(state).__name__}")
 
 
 def apply_task_vector(
     pretrained: Mapping[str, torch.Tensor], vector: Mapping[str, torch.Tensor], alpha: float = 1.0
 ) -> StateDict:
-    """``pretrained + alpha * vector``; keys without a task vector are copied unchanged."""
-    unknown = [k for k in vector if k not in pretrained]
-    if unknown:
-        raise KeyError(f"task vector has keys that the pretrained state lacks, e.g. {unknown[:3]}")
+    """``pretrained + alpha * vector``; keys without a task vector are copied unchanged.
+
+    Refused, naming the key: a task-vector key the pretrained state lacks, an update whose shape
+    differs from the weight's (no broadcasting), an update that is not floating point or has NaN
+    or Inf, an update of an integer buffer, meta tensors, a sum that is not finite (e.g. it
+    overflows float16), and an ``alpha`` that is not a finite number (bools included).
+    """
+    alpha = check_number("alpha", alpha)
+    _check_state(pretrained, "pretrained")
+    _check_state(vector, "task vector")
+    require_keys(pretrained, vector, what="the pretrained state (for the task vector's keys)")
     out = {}
     for key, base in pretrained.items():
         delta = vector.get(key)
         if delta is None:
             out[key] = base.clone()
             continue
+        check_tensor(f"pretrained[{key!r}]", base)
+        check_tensor(f"task vector[{key!r}]", delta)
+        if delta.shape != base.shape:
+            raise TensorError(f"{key!r}: the update has shape {tuple(delta.shape)}, the weight {tuple(base.shape)}")
+        if not delta.is_floating_point():
+            raise TensorError(f"{key!r}: the update is {delta.dtype}; task vectors are floating point")
+        if not base.is_floating_point():
+            raise TensorError(
+                f"{key!r}: the pretrained tensor is an integer buffer ({base.dtype}), which task vectors leave "
+                "out; remove this key from the task vector")
         wide = torch.promote_types(base.dtype, delta.dtype)
         out[key] = torch.add(base.to(wide), delta.to(wide), alpha=alpha).to(base.dtype)
+        if not bool(torch.isfinite(out[key]).all()):
+            raise TensorError(f"{key!r}: pretrained + alpha * update is not finite in {base.dtype} (alpha = {alpha:g})")
     return out

@@ -312,7 +312,7 @@ def test_sar_input_errors():
         sar_per_layer(tvs, names=["a", "a"])
     with pytest.raises(ValueError, match="matrices"):
         sar_matrix(tvs, keys=["visual.ln_pre.weight"])
-    with pytest.raises(ValueError, match="no parameter"):
+    with pytest.raises(ValueError, match=r"task vector 0 lacks 1 of the 1 key\(s\) needed, e.g. \[.visual.missing.\]"):
         sar_matrix(tvs, keys=["visual.missing"])
     with pytest.raises(ValueError, match="string"):
         sar_matrix(tvs, keys="visual.proj")

@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from ..essential import activation_pca, collect_layer_inputs
-from ..methods.common import svd
+from ..methods.common import require_keys, svd
 from ..methods.esm import layer_type
 from ..task_vectors import apply_task_vector, load_encoder_state
 
@@ -422,10 +422,9 @@ def layer_truncation_table(
     fitted = collect_layer_inputs(expert, proxy_inputs.to(device), layers=layers)
     held_out = collect_layer_inputs(expert, eval_inputs.to(device), layers=layers) if eval_inputs is not None else None
     del expert
+    require_keys(task_vector, fitted, what="the task vector (for the hooked ESD layers)")
     frames = []
     for key, x in fitted.items():
-        if key not in task_vector:
-            raise KeyError(f"task vector has no {key!r} (expected visual.* names of the image encoder)")
         delta = task_vector[key].to(x.device)
         d_out = delta.shape[0]
         ranks = [max(1, int(f * d_out)) for f in fractions]

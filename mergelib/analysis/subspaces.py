@@ -86,34 +86,37 @@ CUDA, compute in torch and convert to pandas only at the end.
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from ..errors import ParameterValueError
+from ..errors import ParameterValueError, StateKeyError
 from ..methods.common import (
+    BLOCK_KEY_PATTERN,
+    VISUAL_PREFIX,
+    block_layer,
     check_choice,
     check_flag,
     check_fraction,
     check_number,
     compute_dtype,
     concatenated_singular_vectors,
+    describe_keys,
     is_matrix,
+    prefix_hint,
     rank_per_task,
+    require_keys,
     resolve_device,
     stacked,
     svd,
 )
 from ..methods.score import score_basis, trim_mask
 
-VISUAL_PREFIX = "visual."
 DEFAULT_ENERGY = 0.97  # tau of the released SAR scripts
 SIDES = ("left", "both")
 ZERO_LAYERS = ("skip", "raise")
-_BLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.(.+)$")
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -125,10 +128,11 @@ def visual_matrix_keys(task_vector: Mapping[str, torch.Tensor]) -> list[str]:
 
 def layer_info(key: str) -> tuple[int | None, str]:
     """``(block, layer_type)`` of a parameter name: ``visual.transformer.resblocks.3.mlp.c_fc.weight``
-    -> ``(3, "mlp.c_fc.weight")``; ``visual.proj`` -> ``(None, "proj")``."""
-    match = _BLOCK.search(key)
-    if match:
-        return int(match.group(1)), match.group(2)
+    -> ``(3, "mlp.c_fc.weight")``; ``visual.proj`` -> ``(None, "proj")`` (the block convention of
+    :func:`mergelib.methods.common.block_layer`)."""
+    block = block_layer(key)
+    if block is not None:
+        return block
     return None, key[len(VISUAL_PREFIX):] if key.startswith(VISUAL_PREFIX) else key
 
 
@@ -148,16 +152,18 @@ def _resolve_keys(task_vectors, keys) -> list[str]:
     if keys is None:
         keys = visual_matrix_keys(task_vectors[0])
         if not keys:
-            raise ParameterValueError("no image-encoder matrix (2-D 'visual.*' tensor) in the task vectors; pass keys=")
+            present = list(task_vectors[0])
+            raise StateKeyError(
+                f"no image-encoder matrix in the task vectors: expected 2-D tensors named 'visual.*' (e.g. "
+                f"{BLOCK_KEY_PATTERN!r}), got {describe_keys(present)}{prefix_hint([], present)}; or pass keys=")
     elif isinstance(keys, str):
         raise ParameterValueError(f"keys must be a list of parameter names, not the string {keys!r}")
     keys = list(keys)
     if not keys:
         raise ParameterValueError("keys is empty")
+    for index, vector in enumerate(task_vectors):
+        require_keys(vector, keys, what=f"task vector {index}")
     for key in keys:
-        for index, vector in enumerate(task_vectors):
-            if key not in vector:
-                raise ParameterValueError(f"task vector {index} has no parameter {key!r}")
         shape = tuple(task_vectors[0][key].shape)
         if len(shape) != 2:
             raise ParameterValueError(f"{key!r} has shape {shape}; these analyses need matrices (2-D tensors)")

@@ -71,14 +71,16 @@ def describe_keys(keys: Iterable[str]) -> str:
 
 
 def prefix_hint(wanted: Iterable[str], keys: Iterable[str]) -> str:
-    """A hint for messages when ``keys`` look like the image encoder's own names (no ``visual.``)."""
-    present = set(keys)
-    if any(k.startswith(VISUAL_PREFIX) and k[len(VISUAL_PREFIX):] in present for k in wanted) or (
-        present and not any(k.startswith(VISUAL_PREFIX) for k in present)
-        and any(k.startswith(BLOCK_PREFIX[len(VISUAL_PREFIX):]) for k in present)
-    ):
-        return (f"; these look like the image encoder's own names: add open_clip's {VISUAL_PREFIX!r} prefix "
-                "(mergelib.task_vectors.encoder_state does)")
+    """A hint for messages when the ``wanted`` names and the ``keys`` at hand differ by the
+    ``visual.`` prefix, or ``keys`` look like the image encoder's own names (no ``visual.``)."""
+    present, wanted = set(keys), list(wanted)
+    stripped = {k[len(VISUAL_PREFIX):] for k in present if k.startswith(VISUAL_PREFIX)}
+    differ = any(
+        (k.startswith(VISUAL_PREFIX) and k[len(VISUAL_PREFIX):] in present) or k in stripped for k in wanted)
+    own_names = bool(present) and not stripped and any(k.startswith(BLOCK_PREFIX[len(VISUAL_PREFIX):]) for k in present)
+    if differ or own_names:
+        return (f"; the names differ by open_clip's {VISUAL_PREFIX!r} prefix: mergelib uses full-model names "
+                "(visual.*, as mergelib.task_vectors.encoder_state gives them)")
     return ""
 
 

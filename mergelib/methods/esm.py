@@ -246,15 +246,19 @@ def polarize_layers(
 
 
 def check_subspaces_argument(name: str, value: object) -> None:
-    """Parameter check of ``subspaces``: None or a sequence with one dict per task (its entries are
-    checked against the task vectors when merging)."""
-    if value is not None and (
-        isinstance(value, (Mapping, str, bytes)) or not isinstance(value, Sequence)
-    ):
+    """Parameter check of ``subspaces``: None or a sequence with one dict per task (the dicts'
+    entries are checked against the task vectors when merging)."""
+    if value is None:
+        return
+    if isinstance(value, (Mapping, str, bytes)) or not isinstance(value, Sequence):
         raise ParameterValueError(
             f"{name} must be None or a sequence with one dict per task (key -> (eigenvectors, eigenvalues)), "
             f"got {type(value).__name__}"
         )
+    for t, per_task in enumerate(value):
+        if not isinstance(per_task, Mapping):
+            raise ParameterValueError(
+                f"{name}[{t}] must be a dict key -> (eigenvectors, eigenvalues), got {type(per_task).__name__}")
 
 
 def _check_subspaces(
@@ -275,8 +279,6 @@ def _check_subspaces(
     if len(subspaces) != tasks:
         raise ValueError(f"subspaces has {len(subspaces)} entries but there are {tasks} task vectors (one dict per task)")
     for t, per_task in enumerate(subspaces):
-        if not isinstance(per_task, Mapping):
-            raise ValueError(f"subspaces[{t}] must be a dict key -> (eigenvectors, eigenvalues), got {type(per_task).__name__}")
         missing = [key for key in keys if key not in per_task]
         if missing:
             raise ParameterValueError(
