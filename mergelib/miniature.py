@@ -35,6 +35,7 @@ from .methods import parse_method_spec
 from .methods.common import check_choice, resolve_device
 from .methods.esm import needs_essential_subspaces
 from .multitask import evaluate_multitask
+from .notebook_parameters import coerce_parameter
 from .pretrain import PretrainConfig, pretrained_tiny_clip
 from .provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
 from .task_vectors import StateDict, encoder_state, task_vector
@@ -97,15 +98,18 @@ class MiniatureConfig:
     def from_parameters(cls, **params: Any) -> "MiniatureConfig":
         """Build a config from loosely typed values (papermill, YAML), checking every one.
 
-        Lists become tuples and ints are accepted for floats; anything else of the wrong type,
-        an unknown parameter, or an unknown backbone, domain or method name raises a clear error.
+        Values are coerced as the notebooks' parameters are
+        (:func:`mergelib.notebook_parameters.coerce_parameter`): lists become tuples, a single
+        value given for a list is a one-element list, ints are accepted for floats; anything else
+        of the wrong type, an unknown parameter, or an unknown backbone, domain or method name
+        raises a clear error.
         """
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ParameterError(f"unknown parameter(s) {unknown}; valid parameters: {', '.join(sorted(known))}")
-        values = {name: _coerce(name, value, hints[name]) for name, value in params.items()}
+        values = {name: coerce_parameter(name, value, hints[name]) for name, value in params.items()}
         config = cls(**values)
         config.validate()
         return config
@@ -146,20 +150,6 @@ class MiniatureConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        item_type = typing.get_args(hint)[0]
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ParameterError(f"parameter {name!r} must be a list of {item_type.__name__}, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(f"{name}[{i}]", item, item_type) for i, item in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ParameterError(f"parameter {name!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
 
 
 @dataclass

@@ -21,7 +21,8 @@ def test_loose_values_are_coerced():
         ({"epochs": 2.5}, "'epochs' must be int"),
         ({"epochs": True}, "'epochs' must be int"),
         ({"seed": None}, "'seed' must be int"),
-        ({"domains": "photo"}, "'domains' must be a list of str"),
+        ({"domains": "photo"}, "at least two domains"),  # one name is a one-element list, not five letters
+        ({"domains": 3}, r"'domains\[0\]' must be str"),
         ({"methods": ["task_arithmetic", 3]}, r"'methods\[1\]' must be str"),
         ({"coefficients": ["1.0"]}, r"'coefficients\[0\]' must be float"),
         ({"epoch": 3}, "unknown parameter.*valid parameters: .*epochs"),
@@ -46,6 +47,11 @@ def test_unknown_names_list_the_valid_ones(params, kind, valid):
     with pytest.raises(UnknownNameError) as info:
         MiniatureConfig.from_parameters(**params)
     assert f"unknown {kind}" in str(info.value) and valid in str(info.value)
+
+
+def test_a_single_name_given_for_a_list_is_a_one_element_list():
+    config = MiniatureConfig.from_parameters(methods="score", sweep_methods="score", coefficients=1)
+    assert config.methods == ("score",) and config.sweep_methods == ("score",) and config.coefficients == (1.0,)
 
 
 def test_the_default_run_covers_every_registered_method():
