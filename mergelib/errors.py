@@ -34,7 +34,13 @@ class ParameterValueError(MergelibError, ValueError):
 
 
 class CorruptCheckpointError(MergelibError, ValueError):
-    """A cached checkpoint does not match its manifest (truncated, edited, or foreign)."""
+    """A checkpoint file cannot be used: unreadable (truncated, empty, not safetensors, not a
+    regular file), without mergelib's provenance, or not matching it (edited, another key)."""
+
+
+class OutputRefusedError(MergelibError, ValueError):
+    """mergelib refuses to write an output: it is one of the inputs, a file mergelib did not
+    write (without ``overwrite``), or a location that cannot be written."""
 
 
 class TensorError(MergelibError, ValueError):
