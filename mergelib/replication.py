@@ -98,12 +98,18 @@ def paper_recipe(epochs: int, *, precision: str = "fp32", batch_size: int = 128,
 
 
 def method_specs(methods: str | MethodSpec | Sequence[str | MethodSpec]) -> list[MethodSpec]:
-    """The method specs of a run, every one parsed and checked (method names, parameter names,
-    and values as far as :func:`mergelib.methods.parse_method_spec` checks them) before any work;
-    a single spec (``"score"``) is one method, never read letter by letter."""
+    """The method specs of a run, every one parsed and checked (method names, parameter names and
+    values: :func:`mergelib.methods.check_method_parameters`, also for a :class:`MethodSpec`
+    built in Python) before any work; a single spec (``"score"``) is one method, never read
+    letter by letter."""
+    from .methods import check_method_parameters
+
     if isinstance(methods, (str, MethodSpec)):
         methods = [methods]
-    return [method if isinstance(method, MethodSpec) else parse_method_spec(method) for method in methods]
+    specs = [method if isinstance(method, MethodSpec) else parse_method_spec(method) for method in methods]
+    for spec in specs:  # a MethodSpec built in Python is checked like a parsed one
+        check_method_parameters(spec.name, spec.params)
+    return specs
 
 
 def check_backbones(backbones: str | Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from mergelib.benchmark_sweeps import dg_sweep, multitask_sweep
 from mergelib.cli import main
 from mergelib.data.standins import make_dg_standin
 from mergelib.errors import ParameterError, ParameterValueError, UnknownNameError
+from mergelib.methods import MethodSpec
 from mergelib.replication import (MissingExpertsError, finetune_task_experts, method_specs, prepare_dg_experiment,
                                   run_domain_generalization, run_multitask, task_names)
 
@@ -186,6 +187,10 @@ def test_sweeps_check_names_before_planning(tmp_path):
 
 def test_a_single_name_is_one_method_or_task_and_a_suite_size_its_tasks():
     assert [s.label for s in method_specs("score[keep=diagonal]")] == ["score[keep=diagonal]"]
+    with pytest.raises(ParameterError, match=r"has no parameter\(s\) \['zz'\]"):
+        method_specs([MethodSpec("mine", "score", {"zz": 1})])  # built in Python: checked like a parsed one
+    with pytest.raises(ParameterValueError, match="keep"):
+        method_specs([MethodSpec("mine", "score", {"keep": "everything"})])
     from mergelib.data.task_suites import SUITES
 
     assert task_names("MNIST") == ["MNIST"] and task_names(["8"]) == task_names("8") == list(SUITES[8])
