@@ -19,6 +19,9 @@ The jobs run the same functions as the one-process commands (``replicate-dg``,
 give the same numbers (the tests check it). :func:`dg_sweep` and :func:`multitask_sweep` plan
 the jobs and their dependencies; ``mergelib sweep dg|multitask`` runs them through submitit
 (SLURM on a cluster, subprocesses here) and resumes a killed sweep without redoing finished jobs.
+The fine-tuning jobs take the expert's lock like the one-process commands
+(:func:`mergelib.replication.cached_expert`), so an expert that a ``replicate-*`` run or another
+sweep is fine-tuning is waited for and loaded, never trained twice at once.
 
 Not from a paper: this is infrastructure.
 """

@@ -94,11 +94,16 @@ def _replicate_multitask(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The exit status of ``mergelib sweep`` when another sweep runs over the same sweep directory.
+EXIT_SWEEP_LOCKED = 3
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .benchmark_sweeps import dg_sweep, multitask_sweep
     from .errors import ParameterValueError
     from .merge_files import parse_parameters
-    from .sweep import check_executor, run_sweep, sweep_status
+    from .locks import lock_holder
+    from .sweep import SweepLockedError, check_executor, run_sweep, sweep_lock_path, sweep_status
 
     if not args.status:
         check_executor(args.executor)  # slurm without sbatch here: said at once, before anything is planned
@@ -124,13 +129,20 @@ def _sweep(args: argparse.Namespace) -> int:
                                results_dir=args.results_dir, methods=args.methods, finetune=args.finetune, **options)
         sweep_dir = args.sweep_dir or args.experts_dir / "sweep"
     if not args.status:
-        report = run_sweep(jobs, sweep_dir, executor=args.executor, max_parallel=args.max_parallel,
-                           executor_options=parse_parameters(args.executor_option))
+        try:
+            report = run_sweep(jobs, sweep_dir, executor=args.executor, max_parallel=args.max_parallel,
+                               executor_options=parse_parameters(args.executor_option))
+        except SweepLockedError as error:  # another sweep runs there: say who, run nothing
+            print(f"mergelib sweep: {error}", file=sys.stderr, flush=True)
+            return EXIT_SWEEP_LOCKED
     status = sweep_status(jobs, sweep_dir)
     columns = [c for c in ("kind", "backbone", "dataset", "domain", "held_out", "task", "method", "state", "seconds", "error")
                if c in status.columns]
     print(status[columns].to_string(index=False), flush=True)
     print(f"[mergelib] sweep records in {sweep_dir}; results in {args.results_dir}", flush=True)
+    holder = lock_holder(sweep_lock_path(sweep_dir)) if args.status else None
+    if holder is not None:
+        print(f"[mergelib] a sweep is running over {sweep_dir}: {holder.describe()}", flush=True)
     return 0 if args.status or report.ok else 1
 
 
@@ -220,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fine-tune the experts first with the released recipe and epochs (kept in --experts-dir)")
     mt.set_defaults(run=_replicate_multitask)
     sweep = commands.add_parser("sweep", help="the papers' benchmarks as resumable sweeps of fine-tuning and merge jobs "
-                                              "(submitit: SLURM on a cluster, local subprocesses, or inline)")
+                                              "(submitit: SLURM on a cluster, local subprocesses, or inline); "
+                                              "one sweep at a time per --sweep-dir (exit status 3 if another runs there)")
     settings = sweep.add_subparsers(dest="setting", required=True)
     sweep_dg = settings.add_parser("dg", help="SCORE's leave-one-domain-out benchmark: backbones x datasets x domains")
     sweep_dg.add_argument("--datasets", nargs="+", required=True, help="names of mergelib.data.dg_datasets.DG_DATASETS")
@@ -251,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--max-parallel", type=int, default=None, help="jobs running at once")
         sub.add_argument("--executor-option", action="append", default=[], metavar="NAME=VALUE",
                          help="a submitit parameter, e.g. slurm_partition=gpu, gpus_per_node=1, timeout_min=720 (repeatable)")
-        sub.add_argument("--status", action="store_true", help="print the jobs' states and run nothing")
+        sub.add_argument("--status", action="store_true",
+                         help="print the jobs' states and run nothing (read-only: works while a sweep runs)")
         sub.set_defaults(run=_sweep)
     imp = commands.add_parser("import", help="import fine-tuned checkpoints (open_clip pickles/state dicts, Hugging Face "
                                              "CLIPVisionModel) into safetensors, once")

@@ -18,7 +18,9 @@ absolute and normalized accuracy on the test splits.
 Both write their results under ``results_dir/{backbone}/...`` as CSV, one file per (dataset,
 method), with a provenance record (commit, parameters, seeds, versions), atomically, so that the
 book's results chapter picks them up. Experts are cached as safetensors with manifests
-(:mod:`mergelib.checkpoints`): a rerun reuses every finished expert and result.
+(:mod:`mergelib.checkpoints`): a rerun reuses every finished expert and result. Each expert is
+fine-tuned under a lock beside its file (:func:`cached_expert`): two runs sharing a checkpoint
+folder never train the same expert at once; the second waits for it and loads it.
 
 The same code runs the miniature's ``tiny-clip`` on the generated stand-in folders of
 :mod:`mergelib.data.standins`, which is how the tests and the smoke build exercise it.
@@ -46,6 +48,7 @@ from .heads import ClassificationHead, zero_shot_head
 from .methods import MethodSpec, parse_method_spec
 from .methods.common import resolve_device
 from .methods.esm import needs_essential_subspaces
+from .locks import DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, OwnerLock
 from .provenance import git_state, provenance, write_json
 from .errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
 from .task_vectors import PREFIX, StateDict, encoder_state, task_vector
@@ -184,6 +187,39 @@ def _pretrained_id(pretrained: StateDict) -> str:
     return config_hash({k: [list(v.shape), float(v.double().sum())] for k, v in pretrained.items()})[:16]
 
 
+def cached_expert(
+    path: Path,
+    key: str,
+    build: Callable[[], tuple[StateDict, dict[str, Any]]],
+    *,
+    what: str,
+    lock_timeout: float = DEFAULT_WAIT_SECONDS,
+    poll: float = DEFAULT_POLL_SECONDS,
+    check: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """:func:`mergelib.checkpoints.cached_state` for an expert, built once by one process at a time.
+    ``check``: as cached_state's (a cached expert that fails it is rebuilt).
+
+    A valid cached expert is returned without locking. Otherwise the expert is built under the
+    lock ``{path stem}.lock`` beside it (:class:`mergelib.locks.OwnerLock`): a second process
+    (another ``replicate-*`` run or sweep job on the same folder) waits for the one fine-tuning
+    it, with a notice, up to ``lock_timeout`` seconds, then loads the finished expert instead of
+    training it again; a stale lock (its process killed) is taken over with a notice.
+    """
+    path = Path(path)
+    try:
+        state, manifest = load_state(path, key=key)  # finished before: no lock needed
+        if check is not None:
+            check(state)
+        return state, manifest
+    except CorruptCheckpointError:
+        pass  # missing, being written, stale or corrupt: decided under the lock
+    lock = OwnerLock(path.with_suffix(".lock"), f"fine-tuning {what}", hint=(
+        f"Rerun when it has finished (it writes {path}), or pass a longer lock_timeout"))
+    with lock.acquire(wait=lock_timeout, poll=poll):
+        return cached_state(path, key, build, check=check)
+
+
 class DGExperiment:
     """SCORE's leave-one-domain-out experiment for one backbone and dataset, in parts.
 
@@ -230,8 +266,11 @@ class DGExperiment:
         if domain not in self.domains:
             raise ValueError(f"{self.dataset}: domain {domain!r} is not in this experiment's domains {self.domains}")
 
-    def finetune_expert(self, domain: str, *, progress: bool = True) -> dict[str, Any]:
-        """Fine-tune ``domain``'s expert with the recipe unless a valid one is cached; its manifest."""
+    def finetune_expert(self, domain: str, *, progress: bool = True,
+                        lock_timeout: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
+        """Fine-tune ``domain``'s expert with the recipe unless a valid one is cached; its manifest.
+        If another process is fine-tuning it, wait for it (up to ``lock_timeout`` seconds) and load
+        it (:func:`cached_expert`)."""
         self._check_domain(domain)
 
         def build():
@@ -243,7 +282,8 @@ class DGExperiment:
                            "hyperparameters": self.recipe.as_dict(), "seed": self.recipe.seed,
                            "n_train": len(self.train[domain]), "final_loss": losses[-1] if losses else None}
 
-        return cached_state(self.expert_path(domain), self.expert_key(domain), build)[1]
+        return cached_expert(self.expert_path(domain), self.expert_key(domain), build,
+                             what=f"the {self.backbone} expert of {self.dataset}/{domain}", lock_timeout=lock_timeout)[1]
 
     def load_expert(self, domain: str) -> StateDict:
         """A finished expert (a clear error naming the file if it is missing, stale or corrupt)."""
@@ -502,9 +542,11 @@ def finetune_task_expert(
     emnist_rotate_flip: bool = False,
     device: str | torch.device = "auto",
     progress: bool = True,
+    lock_timeout: float = DEFAULT_WAIT_SECONDS,
 ) -> dict[str, Any]:
     """Fine-tune one task expert of the 8/14/20-task suites as the released ``finetune.py`` does,
-    unless a valid one is cached; return its manifest.
+    unless a valid one is cached; return its manifest. If another process is fine-tuning it, wait
+    for it (up to ``lock_timeout`` seconds) and load it (:func:`cached_expert`).
 
     The recipe is SCORE's and TALL's (AdamW lr 1e-5, wd 0.1, batch 128, 500 warm-up steps, cosine,
     clip 1.0) with the task's released epochs (``TaskDatasetSpec.epochs``; ``epochs``
@@ -548,7 +590,10 @@ def finetune_task_expert(
                        "emnist_rotate_flip": bool(emnist_rotate_flip), "final_loss": losses[-1] if losses else None,
                        "provenance": provenance({"task": task, "data_root": str(data_root), "finetune": recipe.as_dict()})}
 
-    return cached_state(path, key, build)[1]
+    fits = expect_shapes({PREFIX + k: v.shape for k, v in clip.model.visual.state_dict().items()},
+                         f"the {backbone} image encoder")
+    return cached_expert(path, key, build, what=f"the {backbone} expert of task {task}", lock_timeout=lock_timeout,
+                         check=fits)[1]
 
 
 def finetune_task_experts(

@@ -19,6 +19,14 @@ dependency waves (topological levels): ``"inline"`` in this process, or through 
 job does not lose the others' results; its dependants are reported as blocked, not run.
 Rerunning the same sweep resumes it: finished jobs are never redone.
 
+One sweep at a time per ``results_dir``, and every job runs once: :func:`run_sweep` holds the
+lock ``{results_dir}/sweep.lock`` (:mod:`mergelib.locks`) while it runs, so a second sweep over
+the same folder stops at once with :class:`SweepLockedError`, naming the sweep that runs there;
+:func:`sweep_status` stays usable meanwhile (read-only). Each job runs under its own lock
+``{results_dir}/{kind}/{job.id}.lock``: a worker that finds its job being run by another live
+process (e.g. a worker left running by a killed sweep) waits for it and returns its record. The
+lock of a killed sweep or worker is stale and is taken over by the next run, with a notice.
+
 Job kinds must be importable on the worker: submitit pickles :func:`execute_job` and the
 :class:`Job` by reference and the worker (a fresh interpreter) looks the kind up in
 :data:`JOB_KINDS`. Define kinds in an importable module (installed, or on ``PYTHONPATH``),
@@ -53,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .checkpoints import atomic_write, config_hash, remove_stale_temporaries
 from .errors import MergelibError, ParameterValueError, lookup
+from .locks import DEFAULT_WAIT_SECONDS, LockHeldError, OwnerLock, lock_holder
 from .provenance import code_fingerprint, git_state, provenance
 
 if TYPE_CHECKING:
@@ -88,6 +97,10 @@ class SweepPlanError(MergelibError, ValueError):
 
 class SweepFailedError(MergelibError, RuntimeError):
     """Raised by :meth:`SweepReport.raise_on_failure` when jobs failed or were blocked."""
+
+
+class SweepLockedError(LockHeldError):
+    """Another sweep runs over the same ``results_dir`` (its lock names it)."""
 
 
 # --------------------------------------------------------------------------------------- jobs
@@ -161,6 +174,15 @@ def record_path(results_dir: str | Path, job_id: str) -> Path:
 def _failure_path(results_dir: str | Path, job_id: str) -> Path:
     # Not *.json, so that every *.json under a kind's folder is a result record.
     return Path(results_dir) / _slug_of_id(job_id) / f"{job_id}.failed"
+
+
+def sweep_lock_path(results_dir: str | Path) -> Path:
+    """The lock of the sweep running over ``results_dir`` (see the module docstring)."""
+    return Path(results_dir) / "sweep.lock"
+
+
+def _job_lock(results_dir: str | Path, job: "Job") -> OwnerLock:
+    return OwnerLock(Path(results_dir) / _slug_of_id(job.id) / f"{job.id}.lock", f"job {job.id} ({job.kind})")
 
 
 # ------------------------------------------------------------------------------- job registry
@@ -391,11 +413,14 @@ def _write_json(path: Path, payload: Any) -> None:
 # ------------------------------------------------------------------------------------- worker
 
 
-def execute_job(job: Job, results_dir: str | Path, modules: Sequence[str] = ()) -> dict[str, Any]:
+def execute_job(job: Job, results_dir: str | Path, modules: Sequence[str] = (), *,
+                wait: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
     """Run one job and write its record; the entry point of every worker (inline or submitit).
 
     ``modules`` are imported first (they register the job kinds defined outside mergelib). A job
-    whose valid record exists is not run again: its record is returned. On an exception a
+    whose valid record exists is not run again: its record is returned. The job runs under its
+    lock: if another live process runs it, this one waits for it (up to ``wait`` seconds, then
+    :class:`mergelib.locks.LockHeldError`) and returns the record it wrote. On an exception a
     ``{id}.failed`` file (JSON: error, traceback) is written beside the record's place and the
     exception propagates (submitit records it too).
     """
@@ -408,6 +433,15 @@ def execute_job(job: Job, results_dir: str | Path, modules: Sequence[str] = ()) 
                 f"job {job.id}: cannot import module {module!r}, which defines job kind {job.kind!r} ({error}); "
                 "job kinds must live in a module importable where the job runs (installed, or on PYTHONPATH)"
             ) from error
+    if check_record(job, results_dir)[0] == "done":
+        return json.loads(job.record_path(results_dir).read_text())
+    with _job_lock(results_dir, job).acquire(wait=wait):
+        return _run_job(job, results_dir)
+
+
+def _run_job(job: Job, results_dir: Path) -> dict[str, Any]:
+    """The body of :func:`execute_job`, under the job's lock: the record, made now unless another
+    process made it while this one waited for the lock."""
     path = job.record_path(results_dir)
     state, _ = check_record(job, results_dir)
     if state == "done":
@@ -614,7 +648,9 @@ def run_sweep(
 
     Jobs with a valid record are skipped; a corrupt record (unparseable, or made for other
     params) is reported, deleted and its job rerun. Waves run in dependency order; dependants
-    of a failed job are blocked, not run. Do not run two sweeps over one ``results_dir`` at once.
+    of a failed job are blocked, not run. The sweep holds ``{results_dir}/sweep.lock`` while it
+    runs: a second sweep over the same folder raises :class:`SweepLockedError` (naming the
+    first) before it runs anything; the lock of a killed sweep is taken over with a notice.
     """
     check_executor(executor)
     if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel < 1):
@@ -623,6 +659,21 @@ def run_sweep(
     waves = dependency_waves(jobs)
     all_jobs = [job for wave in waves for job in wave]
     modules = _worker_modules(all_jobs, executor)
+    lock = OwnerLock(sweep_lock_path(results_dir), f"a sweep of {len(all_jobs)} job(s) over {results_dir}", hint=(
+        "This sweep stops without running anything: both would run the same jobs. Follow the running sweep with "
+        "`mergelib sweep ... --status` (or mergelib.sweep.sweep_status; read-only, safe while it runs) and rerun "
+        "this command when it has ended"))
+    try:
+        lock.acquire()
+    except LockHeldError as error:
+        raise SweepLockedError(f"sweep directory {results_dir} is in use: {error}", error.path, error.owner) from None
+    with lock:
+        return _run_waves(waves, results_dir, executor, executor_options, max_parallel, modules)
+
+
+def _run_waves(waves: Sequence[Sequence[Job]], results_dir: Path, executor: str, executor_options: Mapping[str, Any] | None,
+               max_parallel: int | None, modules: Sequence[str]) -> SweepReport:
+    """The body of :func:`run_sweep`, under the sweep's lock."""
     report = SweepReport(results_dir, executor)
     began = time.perf_counter()
     auto = None  # made when a job is to run: a sweep with everything done imports no submitit
@@ -634,6 +685,9 @@ def run_sweep(
             state, reason = check_record(job, results_dir)
             if state == "done":
                 report.skipped.append(job.id)
+                lock = _job_lock(results_dir, job)
+                if lock.path.exists():  # left by a worker killed after it wrote the record
+                    lock.clear_stale()
                 continue
             bad = tuple(d for d in job.after if d in unsuccessful)
             if bad:
@@ -684,8 +738,10 @@ def sweep_status(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame"
     """One row per job: ``job_id``, ``kind``, ``state``, one column per parameter, ``params``,
     ``seconds`` (of the run that made the record), ``error`` and ``record`` (path).
 
-    States: ``done`` (valid record), ``failed`` (its last run failed), ``blocked`` (a dependency
-    failed or is blocked), ``corrupt`` (a record that will be rerun), ``pending`` (otherwise).
+    States: ``done`` (valid record), ``running`` (a live process holds the job's lock; ``error``
+    names it), ``failed`` (its last run failed), ``blocked`` (a dependency failed or is blocked),
+    ``corrupt`` (a record that will be rerun), ``pending`` (otherwise). Read-only: safe while a
+    sweep runs over ``results_dir``.
     """
     import pandas as pd
 
@@ -695,8 +751,11 @@ def sweep_status(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame"
     for job in plan_sweep(jobs):
         state, reason = check_record(job, results_dir)
         seconds, error = math.nan, reason
+        holder = None if state == "done" else lock_holder(_job_lock(results_dir, job).path)
         if state == "done":
             seconds = json.loads(job.record_path(results_dir).read_text()).get("timings", {}).get("seconds", math.nan)
+        elif holder is not None:
+            state, error = "running", f"run by {holder.describe()}"
         elif _failure_path(results_dir, job.id).is_file():
             state = "failed"
             try:
