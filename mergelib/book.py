@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .provenance import REPO_ROOT, code_fingerprint, versions, write_json
 
@@ -50,9 +50,16 @@ class BookNotebook:
 
     name: str  # file stem in notebooks/
     parameters: dict[str, Any] = field(default_factory=dict)  # overrides of the notebook's defaults
-    smoke: dict[str, Any] = field(default_factory=dict)  # small parameters for CI (tests build the book with them)
+    # small parameters for CI (tests build the book with them), or a function returning them (so
+    # that importing this module, e.g. for a build that reuses every chapter, does not load the models)
+    smoke_parameters: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict, repr=False)
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+
+    @property
+    def smoke(self) -> dict[str, Any]:
+        """The smoke parameters (``smoke_parameters``, called if it is a function)."""
+        return self.smoke_parameters() if callable(self.smoke_parameters) else self.smoke_parameters
 
 
 def _miniature_smoke() -> dict[str, Any]:
@@ -62,12 +69,16 @@ def _miniature_smoke() -> dict[str, Any]:
     return {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("warmup_steps", "batch_size") and not k.startswith("task_")}
 
 
-def _derivation_smoke(**extra: Any) -> dict[str, Any]:
+def _derivation_smoke(**extra: Any) -> Callable[[], dict[str, Any]]:
     """Smoke parameters of the derivation chapters: their own names, the rest as ``overrides``."""
-    from .miniature import SMOKE_PARAMETERS
 
-    overrides = {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("domains", "coefficients")}
-    return {"overrides": overrides, **extra}
+    def parameters() -> dict[str, Any]:
+        from .miniature import SMOKE_PARAMETERS
+
+        overrides = {k: v for k, v in SMOKE_PARAMETERS.items() if k not in ("domains", "coefficients")}
+        return {"overrides": overrides, **extra}
+
+    return parameters
 
 
 MINIATURE_RESULTS = "results/miniature/domain_generalization"  # written by its chapter, shown by the results chapter
@@ -75,26 +86,27 @@ MINIATURE_RESULTS = "results/miniature/domain_generalization"  # written by its 
 # In book order (a chapter reading another's outputs comes after it). The defaults of each
 # notebook's `parameters` cell are the embedded miniature.
 NOTEBOOKS: tuple[BookNotebook, ...] = (
-    BookNotebook("subspace_overlap", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"])),
-    BookNotebook("score_derived", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"], z_values=[1.96, 4.0],
-                                                          rank_fractions=[0.5, 1.0])),
-    BookNotebook("esm_derived", smoke=_derivation_smoke(proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0],
-                                                        rank_fractions=[0.05, 1.0])),
-    BookNotebook("domain_generalization", smoke=_miniature_smoke(), inputs=("results/studies/miniature_recipe/*",),
-                 outputs=(f"{MINIATURE_RESULTS}/*",)),
-    BookNotebook("ablations", smoke=_derivation_smoke(domains=["photo", "negative", "sketch"], z_values=[], rank_fractions=[],
-                                                      merge_baselines=["task_arithmetic"], esm_decompositions=["esd"],
-                                                      esm_coefficients=[1.0], esm_proxy_count=8)),
-    BookNotebook("benchmark_dg", smoke={"datasets": ["PACS"], "methods": ["task_arithmetic", "score", "esm"],
-                                        "standin_images_per_class": 2, "standin_epochs": 1, "weights": "random"},
+    BookNotebook("subspace_overlap", smoke_parameters=_derivation_smoke(domains=["photo", "negative", "sketch"])),
+    BookNotebook("score_derived", smoke_parameters=_derivation_smoke(
+        domains=["photo", "negative", "sketch"], z_values=[1.96, 4.0], rank_fractions=[0.5, 1.0])),
+    BookNotebook("esm_derived", smoke_parameters=_derivation_smoke(
+        proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0], rank_fractions=[0.05, 1.0])),
+    BookNotebook("domain_generalization", smoke_parameters=_miniature_smoke,
+                 inputs=("results/studies/miniature_recipe/*",), outputs=(f"{MINIATURE_RESULTS}/*",)),
+    BookNotebook("ablations", smoke_parameters=_derivation_smoke(
+        domains=["photo", "negative", "sketch"], z_values=[], rank_fractions=[], merge_baselines=["task_arithmetic"],
+        esm_decompositions=["esd"], esm_coefficients=[1.0], esm_proxy_count=8)),
+    BookNotebook("benchmark_dg", smoke_parameters={
+        "datasets": ["PACS"], "methods": ["task_arithmetic", "score", "esm"], "standin_images_per_class": 2,
+        "standin_epochs": 1, "weights": "random"},
                  outputs=("results/standin/*/domain_generalization/**",)),  # the page lists the stored files
-    BookNotebook("benchmark_multitask", smoke={"tasks": ["MNIST", "DTD"], "methods": ["task_arithmetic", "esm"],
-                                               "standin_images_per_class": 10, "standin_epochs": 1, "weights": "random",
-                                               "esm_proxy_count": 4},
+    BookNotebook("benchmark_multitask", smoke_parameters={
+        "tasks": ["MNIST", "DTD"], "methods": ["task_arithmetic", "esm"], "standin_images_per_class": 10,
+        "standin_epochs": 1, "weights": "random", "esm_proxy_count": 4},
                  outputs=("results/standin/*/multitask/**",)),
     BookNotebook("results", inputs=("results/replication/**", f"{MINIATURE_RESULTS}/results.csv")),
     BookNotebook("methods"),
-    BookNotebook("performance", smoke={"layer_shape": [48, 24]},
+    BookNotebook("performance", smoke_parameters={"layer_shape": [48, 24]},
                  inputs=("results/benchmarks/*.json", "benchmarks/gpu_checks.sh")),  # the script's time budget
 )
 
