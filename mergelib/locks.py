@@ -8,10 +8,12 @@ sees a half-written lock.
 
 A lock whose owner is gone is *stale* and is taken over, with a notice on stderr. mergelib can
 tell that an owner is gone when it ran on this host: its pid no longer exists, is a zombie, or
-belongs to a later process (another start time, or another boot). An owner on another host
-cannot be checked: its lock counts as held, and the messages say how to remove it when that host
-no longer runs the owner. A lock is released when its ``with`` block ends, normally or by an
-exception; a killed owner leaves a stale lock, which the next run takes over.
+belongs to a later process (another start time, or another boot). A process on another host
+(a cluster node sharing the folder) cannot be checked, so every holder refreshes its lock file's
+time every :data:`HEARTBEAT_SECONDS` from a thread: another host's lock counts as held until it
+has gone :data:`FOREIGN_STALE_SECONDS` without a refresh (its owner killed, or its node gone),
+and the messages say how to remove it sooner. A lock is released when its ``with`` block ends,
+normally or by an exception; a killed owner leaves a stale lock, which the next run takes over.
 
 Uses: :func:`mergelib.sweep.run_sweep` owns its results folder (a second sweep over it stops and
 says who runs it), every sweep job runs under a lock of its own (a job is never run by two
@@ -28,6 +30,7 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -44,6 +47,11 @@ DEFAULT_WAIT_SECONDS = 48 * 3600.0
 DEFAULT_POLL_SECONDS = 2.0
 #: Between two "still waiting" notices.
 NOTICE_SECONDS = 600.0
+#: A holder refreshes its lock file's time this often (a thread), so that other hosts can tell
+#: a live owner from a killed one ...
+HEARTBEAT_SECONDS = 60.0
+#: ... and the lock of an owner on another host that has not been refreshed for this long is stale.
+FOREIGN_STALE_SECONDS = 600.0
 
 
 class LockHeldError(MergelibError, RuntimeError):
@@ -117,10 +125,12 @@ class LockOwner:
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host} (started {self.since}: {self.command})"
 
-    def alive(self) -> bool | None:
-        """True or False for an owner on this host; None (cannot tell) for one on another host."""
+    def alive(self, refreshed: float | None = None) -> bool | None:
+        """True or False for an owner on this host. For one on another host: False when its lock
+        was last refreshed (``refreshed`` seconds ago) longer than :data:`FOREIGN_STALE_SECONDS`
+        ago, else None (cannot tell: its lock counts as held)."""
         if self.host != socket.gethostname():
-            return None
+            return False if refreshed is not None and refreshed > FOREIGN_STALE_SECONDS else None
         boot = _boot_id()
         if self.boot_id and boot and self.boot_id != boot:
             return False  # the host rebooted since
@@ -134,6 +144,14 @@ class LockOwner:
         if stat is not None and (stat[0] == "Z" or (self.process_start is not None and stat[1] != self.process_start)):
             return False  # a zombie, or the pid now belongs to a later process
         return True
+
+
+def _refreshed(path: Path) -> float | None:
+    """Seconds since lock file ``path`` was last written or refreshed; None if it is gone."""
+    try:
+        return max(0.0, time.time() - os.stat(path).st_mtime)
+    except OSError:
+        return None
 
 
 def read_owner(path: str | Path) -> LockOwner | None:
@@ -156,7 +174,7 @@ def lock_holder(path: str | Path) -> LockOwner | None:
         owner = read_owner(path)
     except ValueError:
         return None
-    return owner if owner is not None and owner.alive() is not False else None
+    return owner if owner is not None and owner.alive(_refreshed(Path(path))) is not False else None
 
 
 class OwnerLock:
@@ -168,9 +186,10 @@ class OwnerLock:
     with a notice. ``hint`` ends the messages: what to do when the lock is held.
     """
 
-    def __init__(self, path: str | Path, purpose: str, *, hint: str = ""):
-        self.path, self.purpose, self.hint = Path(path), purpose, hint
+    def __init__(self, path: str | Path, purpose: str, *, hint: str = "", heartbeat: float = HEARTBEAT_SECONDS):
+        self.path, self.purpose, self.hint, self.heartbeat = Path(path), purpose, hint, heartbeat
         self._mine: str | None = None  # the text of our lock file while we hold it
+        self._stop: threading.Event | None = None  # stops the heartbeat thread
 
     @property
     def held(self) -> bool:
@@ -219,7 +238,7 @@ class OwnerLock:
             owner = LockOwner.from_json(text)
         except (OSError, ValueError, KeyError, TypeError):
             return False  # no lock, or not one to judge: left alone
-        if owner.alive() is not False:
+        if owner.alive(_refreshed(self.path)) is not False:
             return False
         self._notice_stale(owner, "removing")
         self._remove_stale(text)
@@ -237,7 +256,9 @@ class OwnerLock:
         mine = LockOwner.current(self.purpose).to_json()
         for _ in range(100):  # a few rounds at most, unless processes keep taking the lock in turn
             if self._create(mine):
-                self._mine = mine
+                self._mine, self._stop = mine, threading.Event()
+                threading.Thread(target=self._refresh, args=(self._stop,), daemon=True,
+                                 name=f"mergelib lock heartbeat {self.path.name}").start()
                 return None
             try:
                 text = self.path.read_text()
@@ -249,7 +270,7 @@ class OwnerLock:
                 raise LockHeldError(
                     f"{self.path} is not a lock file mergelib can read ({error}); it blocks {self.purpose}. If no "
                     f"mergelib run uses this folder, delete {self.path} and rerun", self.path, None) from None
-            if owner.alive() is not False:
+            if owner.alive(_refreshed(self.path)) is not False:
                 return owner
             self._notice_stale(owner, "taking over")
             self._remove_stale(text)
@@ -258,9 +279,10 @@ class OwnerLock:
     def message(self, owner: LockOwner) -> str:
         """What to tell the user when ``owner`` holds the lock."""
         text = f"{self.path} is held by {owner.describe()} for {owner.purpose}"
-        if owner.alive() is None:
-            text += (f". mergelib cannot check whether a process on another host is alive: if host {owner.host} "
-                     f"no longer runs pid {owner.pid}, delete {self.path} and rerun")
+        if owner.alive(_refreshed(self.path)) is None:
+            text += (f". mergelib cannot check a process on another host: the lock counts as held while its owner "
+                     f"refreshes it (stale after {FOREIGN_STALE_SECONDS:.0f} s without); if host {owner.host} no longer "
+                     f"runs pid {owner.pid}, delete {self.path} and rerun")
         return f"{text}. {self.hint}".rstrip(". ") + "."
 
     def acquire(self, *, wait: float = 0.0, poll: float = DEFAULT_POLL_SECONDS) -> "OwnerLock":
@@ -285,8 +307,19 @@ class OwnerLock:
                 started = started if started is not None else now
             time.sleep(max(0.0, min(poll, deadline - now)))
 
+    def _refresh(self, stop: threading.Event) -> None:
+        """The heartbeat: touch the lock file every ``heartbeat`` seconds until ``stop`` is set."""
+        while not stop.wait(self.heartbeat):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # gone or unreachable for a moment: the next beat tries again
+
     def release(self) -> None:
         """Delete the lock file if it is still ours (never another owner's)."""
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
         if self._mine is None:
             return
         try:

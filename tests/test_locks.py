@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mergelib.locks import LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
+from mergelib.locks import FOREIGN_STALE_SECONDS, LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
 from mergelib.sweep import Job, check_record, execute_job, load_record, run_sweep, sweep_lock_path, sweep_status
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,14 +104,29 @@ def test_a_reused_pid_a_foreign_host_and_an_unreadable_file_are_told_apart(tmp_p
         with OwnerLock(path, "me"):
             pass
         assert "taking over stale lock" in capsys.readouterr().err
-    path.write_text(LockOwner(**{**me.__dict__, "host": "node-that-is-gone"}).to_json())
+    path.write_text(LockOwner(**{**me.__dict__, "host": "node-that-is-gone"}).to_json())  # refreshed just now
     assert read_owner(path).alive() is None and lock_holder(path).host == "node-that-is-gone"
-    with pytest.raises(LockHeldError, match=(r"cannot check whether a process on another host is alive: if host "
+    with pytest.raises(LockHeldError, match=(r"cannot check a process on another host: the lock counts as held while "
+                                             r"its owner refreshes it \(stale after 600 s without\); if host "
                                              rf"node-that-is-gone no longer runs pid {os.getpid()}, delete {path}")):
         OwnerLock(path, "me").acquire()
+    old = time.time() - FOREIGN_STALE_SECONDS - 5  # its owner stopped refreshing it: killed, or its node is gone
+    os.utime(path, (old, old))
+    assert lock_holder(path) is None
+    with OwnerLock(path, "me"):
+        assert read_owner(path).host == socket.gethostname()
+    assert f"taking over stale lock {path} of pid {os.getpid()} on host node-that-is-gone" in capsys.readouterr().err
     path.write_text("not json")
     with pytest.raises(LockHeldError, match=rf"{path} is not a lock file mergelib can read.*delete {path} and rerun"):
         OwnerLock(path, "me").acquire()
+
+
+def test_a_holder_refreshes_its_lock_until_it_releases_it(tmp_path):
+    path = tmp_path / "x.lock"
+    with OwnerLock(path, "me", heartbeat=0.05):
+        os.utime(path, (1.0, 1.0))  # as if last refreshed long ago
+        wait_for(lambda: path.stat().st_mtime > time.time() - 60, seconds=10)
+    assert not path.exists()
 
 
 def test_acquire_waits_for_a_live_owner_then_takes_the_lock_or_gives_up(tmp_path, capsys):
