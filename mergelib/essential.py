@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .methods.common import compute_dtype, fix_signs, require_keys, resolve_device
+from .methods.common import check_choice, check_tensor, compute_dtype, fix_signs, require_keys, resolve_device
 
 if TYPE_CHECKING:  # the backbones module imports open_clip; only needed by subspaces_of_experts
     from .backbones import Clip
@@ -205,8 +205,7 @@ def layer_input_hooks(
     Hooks see tensors under whatever grad mode the caller runs; run the forward under
     ``torch.no_grad()``.
     """
-    if layers not in ESD_LAYER_SETS:
-        raise ValueError(f"unknown layers {layers!r}; valid choices: {', '.join(sorted(ESD_LAYER_SETS))}")
+    check_choice("layers", layers, tuple(ESD_LAYER_SETS))
     wanted = ESD_LAYER_SETS[layers]
     handles = []
     keys: list[str] = []
@@ -276,6 +275,17 @@ def collect_layer_inputs(
     return captured
 
 
+def check_model_input(name: str, images: object) -> torch.Tensor:
+    """Raise unless ``images`` is a finite float model input ``[N, 3, H, W]`` with data."""
+    check_tensor(name, images)
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"{name} must be the float model input [N, 3, H, W] (use proxy_batch and "
+            f"mergelib.backbones.batch_to_model_input), got {images.dtype} {tuple(images.shape)}"
+        )
+    return images
+
+
 def essential_subspaces(
     image_encoder: nn.Module,
     pretrained_state: Mapping[str, torch.Tensor],
@@ -307,11 +317,7 @@ def essential_subspaces(
         ``task_vector`` in the activations' dtype, as the released code does.
     """
     device = resolve_device(device)
-    if proxy_inputs.ndim != 4 or not proxy_inputs.is_floating_point():
-        raise ValueError(
-            f"proxy_inputs must be the float model input [N, 3, H, W] (use proxy_batch and "
-            f"mergelib.backbones.batch_to_model_input), got {proxy_inputs.dtype} {tuple(proxy_inputs.shape)}"
-        )
+    check_model_input("proxy_inputs", proxy_inputs)
     expert = copy.deepcopy(image_encoder)
     load_encoder_state(expert, apply_task_vector(pretrained_state, task_vector))
     expert.to(device).eval()

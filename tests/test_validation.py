@@ -315,3 +315,26 @@ def test_a_half_precision_result_that_overflows_is_an_error_naming_the_tensor():
     with pytest.raises(TensorError, match=r"merge method 'task_arithmetic' gave NaN or Inf for 'visual.w' "
                                           r"\(the float32 result does not fit torch.float16"):
         mergelib.merge("task_arithmetic", tvs)
+
+
+def test_analyses_refuse_tensors_they_cannot_compute_on():
+    from mergelib.analysis import projection_statistics
+    from mergelib.analysis.esd import layer_truncation_table
+    from mergelib.essential import essential_subspaces
+
+    tvs = _vectors()
+    tvs[1]["visual.proj"] = torch.full((4, 3), math.nan)
+    with pytest.raises(TensorError, match=r"task vector 1\['visual.proj'\] contains NaN or Inf"):
+        sar_matrix(tvs)
+    with pytest.raises(TensorError, match="the stack of task matrices contains NaN or Inf"):
+        projection_statistics(torch.full((2, 3, 3), math.inf))
+    images = torch.zeros(2, 3, 4, 4)
+    # checked before the encoder is touched (None here)
+    with pytest.raises(ParameterValueError, match=r"ranks_fraction\[1\] must be a number in \(0, 1\], got True"):
+        layer_truncation_table(None, {}, {}, images, ranks_fraction=(0.5, True))
+    with pytest.raises(TensorError, match="proxy_inputs contains NaN or Inf"):
+        layer_truncation_table(None, {}, {}, torch.full((2, 3, 4, 4), math.nan))
+    with pytest.raises(ParameterValueError, match="full_outputs must be True or False"):
+        layer_truncation_table(None, {}, {}, images, full_outputs="yes")
+    with pytest.raises(TensorError, match="proxy_inputs is a meta tensor"):
+        essential_subspaces(None, {}, {}, torch.empty(2, 3, 4, 4, device="meta"), device="cpu")

@@ -72,8 +72,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..essential import activation_pca, collect_layer_inputs
-from ..methods.common import require_keys, svd
+from ..essential import activation_pca, check_model_input, collect_layer_inputs
+from ..methods.common import check_flag, check_fraction, require_keys, svd
 from ..methods.esm import layer_type
 from ..task_vectors import apply_task_vector, load_encoder_state
 
@@ -407,15 +407,17 @@ def layer_truncation_table(
     Returns a frame with columns ``layer`` (weight name), ``layer_type`` (e.g. ``mlp.c_fc.weight``),
     ``d_out``, ``fraction``, ``rank``, ``decomposition``, ``error``, ``energy``, ``cka``.
     """
-    fractions = list(ranks_fraction)
-    if not fractions or any(
-        isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1 for f in fractions
-    ):
+    if isinstance(ranks_fraction, (str, bytes)) or not isinstance(ranks_fraction, Iterable):
         raise ValueError(f"ranks_fraction must be a non-empty sequence of numbers in (0, 1], got {ranks_fraction!r}")
-    if not isinstance(proxy_inputs, torch.Tensor) or proxy_inputs.ndim != 4 or not proxy_inputs.is_floating_point():
-        raise ValueError("proxy_inputs must be the float model input [N, 3, H, W]")
-    if not isinstance(full_outputs, bool):
-        raise ValueError(f"full_outputs must be True or False, got {full_outputs!r}")
+    fractions = list(ranks_fraction)
+    if not fractions:
+        raise ValueError("ranks_fraction must be a non-empty sequence of numbers in (0, 1], got an empty one")
+    for index, fraction in enumerate(fractions):
+        check_fraction(f"ranks_fraction[{index}]", fraction, zero_ok=False, one_ok=True)
+    check_model_input("proxy_inputs", proxy_inputs)
+    if eval_inputs is not None:
+        check_model_input("eval_inputs", eval_inputs)
+    check_flag("full_outputs", full_outputs)
     expert = copy.deepcopy(image_encoder)
     load_encoder_state(expert, apply_task_vector(pretrained_state, task_vector))
     expert.to(device).eval()

@@ -101,6 +101,7 @@ from ..methods.common import (
     check_flag,
     check_fraction,
     check_number,
+    check_tensor,
     compute_dtype,
     concatenated_singular_vectors,
     describe_keys,
@@ -168,6 +169,7 @@ def _resolve_keys(task_vectors, keys) -> list[str]:
         if len(shape) != 2:
             raise ParameterValueError(f"{key!r} has shape {shape}; these analyses need matrices (2-D tensors)")
         for index, vector in enumerate(task_vectors):
+            check_tensor(f"task vector {index}[{key!r}]", vector[key])
             if tuple(vector[key].shape) != shape:
                 raise ParameterValueError(
                     f"{key!r}: task vector {index} has shape {tuple(vector[key].shape)}, task vector 0 has {shape}")
@@ -194,6 +196,7 @@ def _check_stack(stack: torch.Tensor, minimum_tasks: int = 2) -> torch.Tensor:
         raise ParameterValueError(f"expected a [T, m, n] stack of task matrices, got {shape}")
     if not stack.is_floating_point():
         raise ParameterValueError(f"expected a floating-point stack, got {stack.dtype}")
+    check_tensor("the stack of task matrices", stack)
     if stack.shape[0] < minimum_tasks:
         raise ParameterValueError(f"need at least {minimum_tasks} task matrices, got {stack.shape[0]}")
     if min(stack.shape[1:]) < 1:
