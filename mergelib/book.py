@@ -156,10 +156,12 @@ def source_fingerprint(notebook: Path) -> str:
 
 def files_fingerprint(patterns: Sequence[str], root: Path = REPO_ROOT) -> dict[str, str]:
     """``{path: sha256}`` of the files matching ``patterns`` (globs relative to ``root``); a
-    pattern matching no file maps to ``"absent"``."""
+    pattern matching no file maps to ``"absent"``. A trailing ``**`` means every file below (before
+    Python 3.13, ``Path.glob`` matches only folders with it)."""
     found: dict[str, str] = {}
     for pattern in patterns:
-        matches = sorted(path for path in root.glob(pattern) if path.is_file())
+        expanded = f"{pattern}/*" if pattern == "**" or pattern.endswith("/**") else pattern
+        matches = sorted(path for path in root.glob(expanded) if path.is_file())
         if not matches:
             found[pattern] = "absent"
         for path in matches:

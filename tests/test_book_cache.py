@@ -182,6 +182,15 @@ def test_the_source_fingerprint_ignores_outputs_and_interface_state(repo):
     assert source_fingerprint(path) != before
 
 
+def test_input_globs_reach_files_in_subfolders_and_name_what_is_absent(tmp_path):
+    (tmp_path / "results" / "replication" / "ViT-B-32" / "dg").mkdir(parents=True)
+    (tmp_path / "results" / "replication" / "ViT-B-32" / "dg" / "score.csv").write_text("a")
+    (tmp_path / "results" / "replication" / "top.json").write_text("b")
+    found = book.files_fingerprint(("results/replication/**", "results/benchmarks/*.json"), tmp_path)
+    assert found == {"results/replication/ViT-B-32/dg/score.csv": book._sha256(b"a"),
+                     "results/replication/top.json": book._sha256(b"b"), "results/benchmarks/*.json": "absent"}
+
+
 def test_an_unknown_chapter_in_extra_is_refused(repo):
     with pytest.raises(ValueError, match="no book notebook named"):
         _build(repo, extra={"writr": {"n": 2}})
