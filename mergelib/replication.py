@@ -207,15 +207,17 @@ def cached_expert(
     training it again; a stale lock (its process killed) is taken over with a notice.
     """
     path = Path(path)
+    lock = OwnerLock(path.with_suffix(".lock"), f"fine-tuning {what}", hint=(
+        f"Rerun when it has finished (it writes {path}), or pass a longer lock_timeout"))
     try:
         state, manifest = load_state(path, key=key)  # finished before: no lock needed
         if check is not None:
             check(state)
+        if lock.path.exists():  # left by a run killed after it wrote the expert
+            lock.clear_stale()
         return state, manifest
     except CorruptCheckpointError:
         pass  # missing, being written, stale or corrupt: decided under the lock
-    lock = OwnerLock(path.with_suffix(".lock"), f"fine-tuning {what}", hint=(
-        f"Rerun when it has finished (it writes {path}), or pass a longer lock_timeout"))
     with lock.acquire(wait=lock_timeout, poll=poll):
         return cached_state(path, key, build, check=check)
 

@@ -188,6 +188,28 @@ def test_two_processes_racing_for_one_expert_build_it_once(tmp_path, capsys):
     assert len(waited) <= 1 and all("for fine-tuning the test expert" in e for e in waited)  # came after the build)
 
 
+def test_an_expert_lock_left_by_a_killed_fine_tuning_is_taken_over_or_cleared(tmp_path, capsys):
+    import torch
+
+    from mergelib.replication import cached_expert
+
+    path = tmp_path / "photo.safetensors"
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {"w": torch.ones(3)}, {}
+
+    for expert_exists in (False, True):  # killed while fine-tuning; killed after writing the expert
+        holder = hold_in_subprocess(path.with_suffix(".lock"), 60)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        cached_expert(path, "key-1", build, what="the test expert", lock_timeout=0)
+        notice = "taking over" if not expert_exists else "removing"
+        assert f"{notice} stale lock {path.with_suffix('.lock')} of pid {holder.pid}" in capsys.readouterr().err
+        assert len(builds) == 1 and not path.with_suffix(".lock").exists()
+
+
 # ----------------------------------------------------------------------- one run per job
 
 
