@@ -158,3 +158,26 @@ def test_a_truncated_safetensors_file_is_named_as_truncated(tmp_path):
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(CorruptCheckpointError, match=r"t\.safetensors is truncated"):
         read_header(path)
+
+
+def test_a_cached_pretrained_clip_of_another_architecture_is_rebuilt_with_a_notice(tmp_path, tiny_config, monkeypatch, capsys):
+    from mergelib import pretrain
+    from mergelib.backbones import create_clip
+
+    built = []
+
+    def fake_pretraining(config, device="cpu", progress=True):  # the real one takes minutes
+        built.append(1)
+        return create_clip(pretrain.BACKBONE, weights=None), [0.5]
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny_clip", fake_pretraining)
+    _, manifest = pretrain.pretrained_tiny_clip(tiny_config.pretrain, tmp_path, progress=False)
+    (path,) = (tmp_path / "pretrained").glob("*.safetensors")
+    state, _ = load_state(path)
+    state["visual.proj"] = state["visual.proj"][:, :3].contiguous()  # same key, tensors of another architecture
+    save_state(path, state, {k: v for k, v in manifest.items() if k not in ("sha256", "data_sha256", "format", "file")})
+    clip, _ = pretrain.pretrained_tiny_clip(tiny_config.pretrain, tmp_path, progress=False)
+    assert len(built) == 2 and clip.model.visual.proj.shape[1] != 3
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}: its tensors do not fit the tiny-clip architecture" in err and "visual.proj has shape" in err
+    assert "rebuilding it" in err

@@ -127,9 +127,12 @@ def test_import_refuses_a_foreign_destination_without_overwrite(files, capsys):
     assert destination.read_text() == "someone's file"
 
 
-def test_import_of_a_folder_without_checkpoints_names_the_folder_and_the_layout(tmp_path, capsys):
+@pytest.mark.parametrize("layout", ["empty", "model folder without tasks"])
+def test_import_of_a_folder_without_checkpoints_names_the_folder_and_the_layout(tmp_path, capsys, layout):
     empty = tmp_path / "downloads"
-    (empty / "tiny-clip").mkdir(parents=True)
+    empty.mkdir()
+    if layout != "empty":
+        (empty / "tiny-clip" / "MNISTVal").mkdir(parents=True)
     assert main(["import", str(empty), str(tmp_path / "out"), "--backbone", "tiny-clip"]) == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "{Task}Val/nonlinear_finetuned.pt" in err and "Traceback" not in err
