@@ -285,7 +285,12 @@ class DGExperiment:
                            "n_train": len(self.train[domain]), "final_loss": losses[-1] if losses else None}
 
         return cached_expert(self.expert_path(domain), self.expert_key(domain), build,
-                             what=f"the {self.backbone} expert of {self.dataset}/{domain}", lock_timeout=lock_timeout)[1]
+                             what=f"the {self.backbone} expert of {self.dataset}/{domain}", lock_timeout=lock_timeout,
+                             check=self._fits_backbone)[1]
+
+    def _fits_backbone(self, state: Mapping[str, torch.Tensor]) -> None:
+        """:class:`CorruptCheckpointError` unless ``state`` has the pretrained encoder's keys and shapes."""
+        expect_shapes({k: v.shape for k, v in self.pretrained.items()}, f"the {self.backbone} image encoder")(state)
 
     def load_expert(self, domain: str) -> StateDict:
         """A finished expert (a clear error naming the file if it is missing, stale or corrupt)."""
@@ -294,7 +299,12 @@ class DGExperiment:
         if not path.exists():
             raise FileNotFoundError(f"{self.dataset}/{domain}: no expert at {path}; fine-tune it first "
                                     "(run_domain_generalization or the sweep's dg-finetune jobs)")
-        return load_state(path, key=self.expert_key(domain))[0]
+        state = load_state(path, key=self.expert_key(domain))[0]
+        try:
+            self._fits_backbone(state)
+        except CorruptCheckpointError as error:
+            raise CorruptCheckpointError(f"checkpoint {path}: {error}; fine-tune it again") from None
+        return state
 
     def evaluate(self, methods: Sequence[str | MethodSpec] = PAPER_DG_METHODS, *, held_out: Sequence[str] | None = None,
                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
