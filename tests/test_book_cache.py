@@ -217,3 +217,14 @@ def test_papermill_executions_are_reused_by_the_next_build(repo, capsys):
                                log_output=False)
     assert [run.executed for run in second] == [False, False]
     assert (repo / "out" / "reader.ipynb").stat().st_mtime_ns == stamp
+
+
+def test_mergelib_book_and_notebooks_pass_force(monkeypatch):
+    from mergelib.cli import main
+
+    calls = []
+    monkeypatch.setattr(book, "execute_notebooks", lambda **options: calls.append(options))
+    monkeypatch.setattr(book, "build_book", lambda: calls.append("build"))
+    assert main(["notebooks", "--force"]) == 0 and main(["notebooks"]) == 0
+    assert main(["book", "--force"]) == 0
+    assert calls == [{"force": True}, {"force": False}, {"force": True}, "build"]
