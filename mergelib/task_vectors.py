@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ParameterError, TensorError
-from .methods.common import VISUAL_PREFIX, check_number, check_tensor, require_keys
+from .methods.common import VISUAL_PREFIX, check_number, check_tensor, non_finite_count, require_keys
 
 PREFIX = VISUAL_PREFIX
 StateDict = dict[str, torch.Tensor]
@@ -106,6 +106,8 @@ def apply_task_vector(
                 "out; remove this key from the task vector")
         wide = torch.promote_types(base.dtype, delta.dtype)
         out[key] = torch.add(base.to(wide), delta.to(wide), alpha=alpha).to(base.dtype)
-        if not bool(torch.isfinite(out[key]).all()):
-            raise TensorError(f"{key!r}: pretrained + alpha * update is not finite in {base.dtype} (alpha = {alpha:g})")
+        bad = non_finite_count(out[key])
+        if bad:
+            raise TensorError(
+                f"{key!r}: pretrained + alpha * update has {bad} NaN or Inf values in {base.dtype} (alpha = {alpha:g})")
     return out

@@ -225,6 +225,13 @@ class Text:
 
 
 # ----------------------------------------------------------------------------- tensors and devices
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN or Inf (0 for integer and bool tensors)."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
 def check_tensor(label: str, tensor: object) -> torch.Tensor:
     """Raise unless ``tensor`` is a tensor torch can compute on: it holds data (not a meta tensor)
     and, if floating point, has no NaN or Inf. ``label`` names it in the message."""
@@ -235,8 +242,9 @@ def check_tensor(label: str, tensor: object) -> torch.Tensor:
             f"{label} is a meta tensor (a shape without data); load real weights first, e.g. "
             "module.to_empty(device='cpu') then load_state_dict, or load_state_dict(..., assign=True)"
         )
-    if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-        raise TensorError(f"{label} contains NaN or Inf")
+    bad = non_finite_count(tensor)
+    if bad:
+        raise TensorError(f"{label} contains NaN or Inf ({bad} of {tensor.numel()} values)")
     return tensor
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ParameterError, ParameterValueError, TensorError, lookup
-from .common import HALF_DTYPES, Flag, Integer, Number, TaskVector, Text, check_tensor, resolve_device
+from .common import HALF_DTYPES, Flag, Integer, Number, TaskVector, Text, check_tensor, non_finite_count, resolve_device
 
 #: A parameter check: ``check(name, value)`` raises a ParameterValueError naming the parameter.
 Check = Callable[[str, Any], None]
@@ -198,10 +198,11 @@ def check_finite_result(name: str, merged: Mapping[str, torch.Tensor]) -> None:
     """Raise a :class:`~mergelib.errors.TensorError` naming the first tensor of a merge result with
     NaN or Inf (typically a half-precision result that overflows its dtype)."""
     for key, tensor in merged.items():
-        if not bool(torch.isfinite(tensor).all()):
+        bad = non_finite_count(tensor)
+        if bad:
             hint = (f" (the float32 result does not fit {tensor.dtype}: merge float32 task vectors)"
                     if tensor.dtype in HALF_DTYPES else "")
-            raise TensorError(f"merge method {name!r} gave NaN or Inf for {key!r}{hint}")
+            raise TensorError(f"merge method {name!r} gave NaN or Inf for {key!r} ({bad} values){hint}")
 
 
 def merge(
