@@ -168,6 +168,8 @@ def _methods(args: argparse.Namespace) -> int:
         arxiv = f"arXiv {method.arxiv}" if method.arxiv else ""
         defaults = ", ".join(f"{k}={v!r}" for k, v in method.defaults.items()) or "no parameters"
         print(f"{method.name:18s} {arxiv:16s} {defaults}\n{'':18s} {method.summary}")
+        for key, valid in method.valid_values().items():
+            print(f"{'':18s}   {key}: {valid}")
     return 0
 
 

@@ -338,3 +338,11 @@ def test_analyses_refuse_tensors_they_cannot_compute_on():
         layer_truncation_table(None, {}, {}, images, full_outputs="yes")
     with pytest.raises(TensorError, match="proxy_inputs is a meta tensor"):
         essential_subspaces(None, {}, {}, torch.empty(2, 3, 4, 4, device="meta"), device="cpu")
+
+
+def test_the_valid_values_are_listed_in_words():
+    assert METHODS["score"].valid_values()["z"] == "a finite number > 0"
+    assert METHODS["dare"].valid_values() == {
+        "drop_rate": "a number in [0, 1)", "rescale": "True or False", "seed": "an integer",
+        "combine": "one of 'sum', 'ties'", "ties_density": "a number in (0, 1]"}
+    assert METHODS["esm"].valid_values()["subspaces"].startswith("None, or a sequence with one dict per task")

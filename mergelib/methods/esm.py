@@ -246,8 +246,11 @@ def polarize_layers(
 
 
 def check_subspaces_argument(name: str, value: object) -> None:
-    """Parameter check of ``subspaces``: None or a sequence with one dict per task (the dicts'
-    entries are checked against the task vectors when merging)."""
+    """None, or a sequence with one dict per task: ESD key -> (eigenvectors, eigenvalues).
+
+    The parameter check of ``subspaces``; the dicts' entries are checked against the task vectors
+    when merging.
+    """
     if value is None:
         return
     if isinstance(value, (Mapping, str, bytes)) or not isinstance(value, Sequence):

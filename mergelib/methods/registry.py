@@ -52,6 +52,18 @@ class MergeMethod:
         doc = inspect.getdoc(self.function) or ""
         return doc.split("\n\n")[0].replace("\n", " ")
 
+    def valid_values(self) -> dict[str, str]:
+        """Each parameter's valid values in words (``{"z": "a finite number > 0", ...}``)."""
+        return {key: describe_check(check) for key, check in self.checks.items()}
+
+
+def describe_check(check: Check) -> str:
+    """A check in words: its ``str`` for the checks of :mod:`mergelib.methods.common`, else the
+    first sentence of its docstring."""
+    if type(check).__str__ is not object.__str__:
+        return str(check)
+    return (inspect.getdoc(check) or "checked").split("\n\n")[0].replace("\n", " ")
+
 
 #: The registry of merging methods by name, filled by :func:`register`.
 METHODS: dict[str, MergeMethod] = {}
