@@ -38,6 +38,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -116,8 +117,6 @@ def _writer_gone(match: re.Match, entry: os.DirEntry, max_foreign_age: float) ->
         return True  # an older mergelib's name: no writer can be identified
     pid = int(match.group("pid"))
     if match.group("host") != _host_tag():  # written from another machine (shared file system)
-        import time
-
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > max_foreign_age
     if pid == os.getpid():
         return False
@@ -260,10 +259,9 @@ _REMEDY = ("write it again, or convert other formats once with `mergelib import`
 def _raw_header(path: Path) -> tuple[Any, int, int]:
     """``(parsed JSON header, header length, file size)``, without checking the tensors' extents."""
     size = _regular_file(path).st_size
-    remedy = _REMEDY
     if size < 8:
         what = "empty" if size == 0 else f"only {size} bytes long (truncated, or another format)"
-        raise CorruptCheckpointError(f"checkpoint {path} is {what}, not a safetensors file; {remedy}")
+        raise CorruptCheckpointError(f"checkpoint {path} is {what}, not a safetensors file; {_REMEDY}")
     try:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
@@ -275,7 +273,7 @@ def _raw_header(path: Path) -> tuple[Any, int, int]:
     except (ValueError, UnicodeDecodeError, struct.error) as error:
         raise CorruptCheckpointError(
             f"checkpoint {path} is not a safetensors file (truncated, or another format such as a pickle "
-            f"or text: {str(error)[:120]}); {remedy}") from None
+            f"or text: {str(error)[:120]}); {_REMEDY}") from None
     return header, length, size
 
 
@@ -287,18 +285,17 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """
     path = Path(path)
     header, length, size = _raw_header(path)
-    remedy = _REMEDY
     try:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
         ends = [int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"]
     except (ValueError, KeyError, TypeError, IndexError) as error:
-        raise CorruptCheckpointError(f"checkpoint {path} is not a safetensors file ({error}); {remedy}") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is not a safetensors file ({error}); {_REMEDY}") from None
     data = size - 8 - length
     if max(ends, default=0) != data:
         what = "truncated" if max(ends, default=0) > data else "longer than its header says"
         raise CorruptCheckpointError(f"checkpoint {path} is {what} (tensor data {data} bytes, header declares "
-                                     f"{max(ends, default=0)}); {remedy}")
+                                     f"{max(ends, default=0)}); {_REMEDY}")
     return header, 8 + length
 
 
