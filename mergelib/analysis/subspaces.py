@@ -59,9 +59,10 @@ drops off-diagonal *outliers*: with ``O_t`` = ``M_t`` with its diagonal zeroed, 
 ``sigma_t`` the mean and unbiased standard deviation of all r^2 entries of ``O_t`` (the zeroed
 diagonal included, as released), an entry is kept when ``|O_t - mu_t| <= h``, with
 ``h = z sigma_t / T`` as released for the natural-image benchmarks or ``h = z sigma_t`` (the
-paper's text). The statistics here reuse :func:`mergelib.methods.score.score_basis` and
-:func:`mergelib.methods.score.trim_mask`, so they are those of the merge itself. When ``U*`` and
-``V*`` are square (``m = n`` and T divides r), the change of basis is lossless: ``captured = 1``.
+paper's text). The statistics here reuse :func:`mergelib.methods.score.score_basis`,
+:func:`mergelib.methods.score.trim_statistics` and :func:`mergelib.methods.score.trim_mask`, so
+they are those of the merge itself. When ``U*`` and ``V*`` are square (``m = n`` and T divides
+r), the change of basis is lossless: ``captured = 1``.
 
 **Singular Task Interference** (:func:`singular_task_interference`,
 :func:`interference_per_layer`; TSV, Gargiulo et al., CVPR 2025, arXiv 2412.00081, Eq. 6). With
@@ -113,7 +114,7 @@ from ..methods.common import (
     stacked,
     svd,
 )
-from ..methods.score import score_basis, trim_mask
+from ..methods.score import score_basis, trim_mask, trim_statistics
 
 DEFAULT_ENERGY = 0.97  # tau of the released SAR scripts
 SIDES = ("left", "both")
@@ -442,9 +443,7 @@ def _trim_statistics(stack: torch.Tensor, z: float, key: str):
     _, _, projected = projected_task_matrices(stack, key=key)
     diagonal = torch.diagonal(projected, dim1=-2, dim2=-1)  # [T, r]
     off_diagonal = projected - torch.diag_embed(diagonal)   # O_t: the diagonal zeroed
-    # the statistics of trim_mask: all r^2 entries of O_t (zeros included), unbiased std
-    mean = off_diagonal.mean(dim=(-2, -1))
-    std = off_diagonal.std(dim=(-2, -1), correction=1)
+    mean, std = (value[:, 0, 0] for value in trim_statistics(off_diagonal))  # those of trim_mask (released)
     return stack, projected, diagonal, off_diagonal, mean, std
 
 
