@@ -10,20 +10,24 @@ its own magnitude's precision allows (e.g. it crosses zero), so ``a + fl(b - a)`
 exactly, and :func:`apply_task_vector` adds in the wider of the two dtypes, so applying such a
 task vector with coefficient 1 restores the fine-tuned weights bit for bit. The default is the
 weights' own dtype (float32), as in the papers' code, at half the memory.
+
+:class:`TaskVector` is the same dict with the arithmetic of the task-vectors paper's class
+(``+``, ``-``, scalar ``*``, :meth:`TaskVector.apply_to`); being a ``dict``, it is accepted
+wherever a task vector is (``mergelib.merge``, ``mergelib.apply``, the checkpoint writers).
 """
 
 from __future__ import annotations
 
+from numbers import Real
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from .errors import ParameterError, TensorError
-from .methods.common import VISUAL_PREFIX, check_number, check_tensor, non_finite_count, require_keys
+from .methods.common import VISUAL_PREFIX, StateDict, check_number, check_tensor, non_finite_count, require_keys
 
 PREFIX = VISUAL_PREFIX
-StateDict = dict[str, torch.Tensor]
 
 
 def encoder_state(image_encoder: nn.Module) -> StateDict:
@@ -111,3 +115,98 @@ def apply_task_vector(
             raise TensorError(
                 f"{key!r}: pretrained + alpha * update has {bad} NaN or Inf values in {base.dtype} (alpha = {alpha:g})")
     return out
+
+
+class TaskVector(dict):
+    """A task vector ``tau = theta_ft - theta_0``: a ``dict`` from parameter names to tensors, with
+    the arithmetic of the task-vectors paper's class (Ilharco et al., arXiv 2212.04089).
+
+    Build it with :meth:`from_states` or :meth:`from_models` (or ``TaskVector(mapping)`` from tensors
+    at hand). ``a + b`` and ``a - b`` need the same keys and shapes on both sides (either may be a
+    plain dict of tensors); ``c * a``, ``a * c`` and ``-a`` scale by a finite number (a bool is
+    refused); ``sum(vectors)`` works. Every result is a new :class:`TaskVector` of new tensors.
+    :meth:`apply_to` gives ``theta_0 + alpha * tau`` with the checks of :func:`apply_task_vector`.
+    Since it is a ``dict``, ``mergelib.merge(name, [a, b])`` and ``mergelib.apply(state, a)``
+    accept it as they accept plain dicts, with identical results.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, /) -> None:
+        tensors = {} if tensors is None else tensors
+        _check_state(tensors, "a task vector")
+        super().__init__(tensors)
+        for key, tensor in self.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ParameterError(f"task vector[{key!r}] is a {type(tensor).__name__}, not a tensor")
+
+    @classmethod
+    def from_states(
+        cls, finetuned: Mapping[str, torch.Tensor], pretrained: Mapping[str, torch.Tensor], *,
+        dtype: torch.dtype | None = None,
+    ) -> TaskVector:
+        """``finetuned - pretrained`` of two state dicts, as :func:`task_vector` computes it (same
+        checks; ``dtype=torch.float64`` makes :meth:`apply_to` restore float32 weights exactly)."""
+        return cls(task_vector(finetuned, pretrained, dtype=dtype))
+
+    @classmethod
+    def from_models(cls, finetuned: nn.Module, pretrained: nn.Module, *, dtype: torch.dtype | None = None) -> TaskVector:
+        """The task vector of two image encoders (e.g. ``clip_model.visual``), with open_clip's
+        names (:func:`encoder_state`)."""
+        return cls.from_states(encoder_state(finetuned), encoder_state(pretrained), dtype=dtype)
+
+    def apply_to(self, pretrained: Mapping[str, torch.Tensor], alpha: float = 1.0) -> StateDict:
+        """``pretrained + alpha * self`` (:func:`apply_task_vector`: keys without a task vector are
+        copied; unknown keys, shapes, non-finite sums and a non-finite ``alpha`` are refused)."""
+        return apply_task_vector(pretrained, self, alpha)
+
+    def _combine(self, other: object, operation: str, reflected: bool = False):
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        left, right = (other, self) if reflected else (self, other)
+        if left.keys() != right.keys():
+            only_left, only_right = sorted(set(left) - set(right)), sorted(set(right) - set(left))
+            raise TensorError(
+                f"task vector {operation}: the two sides have different keys; only on the left: "
+                f"{len(only_left)} {only_left[:3]}, only on the right: {len(only_right)} {only_right[:3]}")
+        out = {}
+        for key in left:
+            a, b = left[key], right[key]
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+                raise ParameterError(f"task vector {operation}: {key!r} is not a tensor on both sides")
+            if a.shape != b.shape:
+                raise TensorError(
+                    f"task vector {operation}: {key!r} has shape {tuple(a.shape)} on the left, {tuple(b.shape)} on the right")
+            out[key] = a + b if operation == "+" else a - b
+        return TaskVector(out)
+
+    def __add__(self, other: Mapping[str, torch.Tensor]) -> TaskVector:
+        return self._combine(other, "+")
+
+    def __radd__(self, other: object) -> TaskVector:
+        if type(other) is int and other == 0:  # sum(vectors) starts from 0
+            return TaskVector({key: tensor.clone() for key, tensor in self.items()})
+        return self._combine(other, "+", reflected=True)
+
+    def __sub__(self, other: Mapping[str, torch.Tensor]) -> TaskVector:
+        return self._combine(other, "-")
+
+    def __rsub__(self, other: Mapping[str, torch.Tensor]) -> TaskVector:
+        return self._combine(other, "-", reflected=True)
+
+    def __mul__(self, scalar: float) -> TaskVector:
+        if not isinstance(scalar, Real):  # bools are Real, and refused by check_number
+            return NotImplemented
+        scalar = check_number("the coefficient of a task vector", scalar)
+        return TaskVector({key: tensor * scalar for key, tensor in self.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TaskVector:
+        return TaskVector({key: -tensor for key, tensor in self.items()})
+
+    def copy(self) -> TaskVector:
+        """A shallow copy (the same tensors), as a :class:`TaskVector`."""
+        return TaskVector(self)
+
+    def __repr__(self) -> str:
+        count = sum(tensor.numel() for tensor in self.values())
+        return f"TaskVector({len(self)} tensors, {count} values)"

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ParameterValueError
-from .common import Fraction, TaskVector, merge_per_key
+from .common import Fraction, StateDict, merge_per_key
 from .registry import register
 
 
@@ -84,12 +84,12 @@ def check_band(density: float, gamma: float) -> None:
     relation=lambda params: check_band(params["density"], params["gamma"]),
 )
 def breadcrumbs(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     density: float = 0.15,
     gamma: float = 0.006,
-) -> TaskVector:
+) -> StateDict:
     """Model Breadcrumbs: per tensor, drop the largest and the smallest magnitudes, then sum.
 
     ``density`` in (0, 1] is the fraction kept per tensor, ``gamma`` in [0, 1) the fraction of

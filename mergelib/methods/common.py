@@ -33,7 +33,9 @@ import torch
 
 from ..errors import ParameterError, ParameterValueError, StateKeyError, TensorError
 
-TaskVector = dict[str, torch.Tensor]
+#: A state dict or a plain task vector: parameter names to tensors (the methods' inputs and results;
+#: :class:`mergelib.task_vectors.TaskVector` is such a dict with arithmetic).
+StateDict = dict[str, torch.Tensor]
 #: The :class:`mergelib.methods.factors.FactorCache` in effect, if any (set by its context manager):
 #: :func:`stacked` tells it which source tensors each stack holds.
 ACTIVE_FACTOR_CACHE: ContextVar = ContextVar("mergelib_factor_cache", default=None)
@@ -313,13 +315,13 @@ def merge_per_key(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     keys: Sequence[str] | None = None,
-) -> TaskVector:
+) -> StateDict:
     """Apply ``function(key, stack)`` to each key's ``[T, *shape]`` stack, one key at a time.
 
     Results come back on the device of the inputs, in the inputs' own dtype.
     """
     device = resolve_device(device)
-    out: TaskVector = {}
+    out: StateDict = {}
     for key in keys if keys is not None else task_vectors[0]:
         source = task_vectors[0][key]
         stack = stacked(task_vectors, key, device=device, dtype=dtype)

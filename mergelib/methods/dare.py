@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ParameterValueError
-from .common import Choice, Flag, Fraction, Integer, TaskVector, merge_per_key
+from .common import Choice, Flag, Fraction, Integer, StateDict, merge_per_key
 from .registry import register
 from .ties import ties_merge
 
@@ -83,7 +83,7 @@ def check_combination(combine: str, ties_density: float) -> None:
     relation=lambda params: check_combination(params["combine"], params["ties_density"]),
 )
 def dare(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     drop_rate: float = 0.9,
@@ -91,7 +91,7 @@ def dare(
     seed: int = 0,
     combine: str = "sum",
     ties_density: float = 1.0,
-) -> TaskVector:
+) -> StateDict:
     """DARE: randomly drop a fraction of each task vector, rescale the rest, then sum (or TIES).
 
     ``drop_rate`` in [0, 1); ``rescale`` divides survivors by ``1 - drop_rate``; ``seed`` fixes the

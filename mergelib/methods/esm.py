@@ -88,7 +88,7 @@ from .common import (
     Choice,
     Flag,
     Number,
-    TaskVector,
+    StateDict,
     block_layer,
     check_choice,
     check_tensor,
@@ -355,7 +355,7 @@ def _check_subspaces(
     ),
 )
 def esm(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     subspaces: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
@@ -372,7 +372,7 @@ def esm(
     polarization_power: float = 2.0,
     mean_singular_value_scaling: bool = True,
     output_factor: float = 2.0,
-) -> TaskVector:
+) -> StateDict:
     """ESM: merge in each task's essential (activation-PCA) subspace, with polarized scaling.
 
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
@@ -421,7 +421,7 @@ def esm(
         output_factor=float(output_factor),
     )
 
-    merged: TaskVector = {}  # in the compute dtype until the end, on the inputs' devices
+    merged: StateDict = {}  # in the compute dtype until the end, on the inputs' devices
     for key in keys:
         source = vectors[0][key]
         stack = stacked(vectors, key, device=device)

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from .common import Fraction, TaskVector, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
+from .common import Fraction, StateDict, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
 from .registry import register
 
 
@@ -98,7 +98,7 @@ _COMMON_NOTES = (
              r"\bar\sigma = \frac{1}{r}\sum_i \sigma_i",
     code_notes=_COMMON_NOTES,
 )
-def iso_c(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+def iso_c(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """Iso-C: the task-arithmetic sum with its singular spectrum flattened to its mean.
 
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
@@ -124,8 +124,8 @@ def iso_c(task_vectors: Sequence[TaskVector], *, device: torch.device | None = N
     checks=dict(common_fraction=Fraction(zero_ok=False, one_ok=True)),
 )
 def iso_cts(
-    task_vectors: Sequence[TaskVector], *, device: torch.device | None = None, common_fraction: float = 0.8
-) -> TaskVector:
+    task_vectors: Sequence[StateDict], *, device: torch.device | None = None, common_fraction: float = 0.8
+) -> StateDict:
     """Iso-CTS: a common subspace of the sum plus each task's own directions, with a flat spectrum.
 
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, merge_per_key
+from .common import StateDict, merge_per_key
 from .registry import register
 
 
@@ -43,6 +43,6 @@ def max_magnitude(key: str, stack: torch.Tensor) -> torch.Tensor:
         "fine-tuned ones.",
     ),
 )
-def magmax(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+def magmax(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """MagMax: element-wise, the task value of largest magnitude (the later task on ties)."""
     return merge_per_key(task_vectors, max_magnitude, device=device)

@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .common import Choice, Fraction, TaskVector, compute_dtype, merge_per_key, resolve_device, stacked
+from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
 from .registry import register
 from .ties import SCOPES
 
@@ -101,7 +101,7 @@ def pcb_rows(rows: torch.Tensor, ratio: float) -> torch.Tensor:
     return weighted_merge(rows, low, high, scores, *score_bounds(scores, ratio))
 
 
-def pcb_global(task_vectors: Sequence[TaskVector], ratio: float, device: torch.device) -> TaskVector:
+def pcb_global(task_vectors: Sequence[StateDict], ratio: float, device: torch.device) -> StateDict:
     keys, count = list(task_vectors[0]), len(task_vectors)
 
     def rows_of(key: str) -> torch.Tensor:
@@ -150,12 +150,12 @@ def pcb_global(task_vectors: Sequence[TaskVector], ratio: float, device: torch.d
     checks=dict(ratio=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )
 def pcb(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     ratio: float = 0.05,
     scope: str = "global",
-) -> TaskVector:
+) -> StateDict:
     """PCB-merging: weight each task's entries by intra- and inter-task competition scores.
 
     ``ratio`` in (0, 1] is the fraction of each task's entries that get a weight; ``scope`` is

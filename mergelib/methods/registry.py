@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ParameterError, ParameterValueError, TensorError, lookup
-from .common import HALF_DTYPES, Flag, Integer, Number, TaskVector, Text, check_tensor, non_finite_count, resolve_device
+from .common import HALF_DTYPES, Flag, Integer, Number, StateDict, Text, check_tensor, non_finite_count, resolve_device
 
 #: A parameter check: ``check(name, value)`` raises a ParameterValueError naming the parameter.
 Check = Callable[[str, Any], None]
@@ -38,7 +38,7 @@ Check = Callable[[str, Any], None]
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
-    function: Callable[..., TaskVector]
+    function: Callable[..., StateDict]
     paper: str
     arxiv: str | None
     equation: str
@@ -103,7 +103,7 @@ def register(
     The returned function checks its parameters like :func:`merge` does, then calls ``function``.
     """
 
-    def decorator(function: Callable[..., TaskVector]) -> Callable[..., TaskVector]:
+    def decorator(function: Callable[..., StateDict]) -> Callable[..., StateDict]:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} is already registered")
         signature = inspect.signature(function)
@@ -131,7 +131,7 @@ def register(
             name, function, paper, arxiv, equation, defaults, tuple(code_notes), complete, relation)
 
         @functools.wraps(function)
-        def checked(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None, **params: Any):
+        def checked(task_vectors: Sequence[StateDict], *, device: torch.device | None = None, **params: Any):
             return function(task_vectors, device=device, **check_method_parameters(name, params))
 
         return checked
@@ -223,7 +223,7 @@ def merge(
     *,
     device: str | torch.device | None = None,
     **params: Any,
-) -> TaskVector:
+) -> StateDict:
     """Merge ``task_vectors`` with the registered method ``name``.
 
     Args:

@@ -58,7 +58,7 @@ from .common import (
     Flag,
     Fraction,
     Number,
-    TaskVector,
+    StateDict,
     concatenated_singular_vectors,
     is_all_zero,
     is_matrix,
@@ -180,7 +180,7 @@ def score_from_basis(
                 complete_basis=Flag()),
 )
 def score(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     keep: str = "trimmed",
@@ -189,7 +189,7 @@ def score(
     trim_statistics: str = "released",
     rank_fraction: float = 1.0,
     complete_basis: bool = True,
-) -> TaskVector:
+) -> StateDict:
     """SCORE: project each task matrix into a shared basis, trim off-diagonal outliers, sum.
 
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .common import TaskVector, merge_per_key
+from .common import StateDict, merge_per_key
 from .registry import register
 
 
@@ -26,7 +26,7 @@ from .registry import register
     arxiv="2203.05482",
     equation=r"\tau = \frac{1}{T}\sum_{t=1}^{T}\tau_t",
 )
-def weight_average(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+def weight_average(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """Average the task vectors (equivalently, average the experts' weights)."""
     count = len(task_vectors)
     return merge_per_key(task_vectors, lambda key, stack: stack.sum(0) / count, device=device)
@@ -40,6 +40,6 @@ def weight_average(task_vectors: Sequence[TaskVector], *, device: torch.device |
     code_notes=("SCORE's released code names this method `avg` although it computes the sum, "
                 "applied with coefficient 1.0.",),
 )
-def task_arithmetic(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+def task_arithmetic(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """Sum the task vectors; the global coefficient lambda is applied with the merged vector."""
     return merge_per_key(task_vectors, lambda key, stack: stack.sum(0), device=device)

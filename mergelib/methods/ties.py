@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Choice, Fraction, TaskVector, compute_dtype, merge_per_key, resolve_device, stacked
+from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
 from .registry import register
 
 SCOPES = ("global", "per_tensor")
@@ -68,7 +68,7 @@ def magnitude_threshold(magnitudes: torch.Tensor, density: float) -> torch.Tenso
     return magnitudes.kthvalue(k, dim=-1, keepdim=True).values
 
 
-def task_tensor(vector: TaskVector, index: int, key: str, device: torch.device, preprocess: Preprocess | None):
+def task_tensor(vector: StateDict, index: int, key: str, device: torch.device, preprocess: Preprocess | None):
     """One task's tensor on the compute device (half widened to float32), preprocessed."""
     tensor = vector[key].to(device=device, dtype=compute_dtype(vector[key].dtype))
     return preprocess(index, key, tensor) if preprocess else tensor
@@ -123,8 +123,8 @@ def disjoint_mean(trimmed: torch.Tensor, majority: int) -> torch.Tensor:
     return (trimmed * agree).sum(dim=0) / count
 
 
-def ties_merge(task_vectors: Sequence[TaskVector], *, device: torch.device | None, density: float, scope: str,
-               preprocess: Preprocess | None = None) -> TaskVector:
+def ties_merge(task_vectors: Sequence[StateDict], *, device: torch.device | None, density: float, scope: str,
+               preprocess: Preprocess | None = None) -> StateDict:
     """TIES on ``task_vectors`` (each task tensor first passed through ``preprocess``, if given);
     ``density`` and ``scope`` as checked by the registered methods that call it."""
     device = resolve_device(device)
@@ -172,12 +172,12 @@ def ties_merge(task_vectors: Sequence[TaskVector], *, device: torch.device | Non
     checks=dict(density=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )
 def ties(
-    task_vectors: Sequence[TaskVector],
+    task_vectors: Sequence[StateDict],
     *,
     device: torch.device | None = None,
     density: float = 0.2,
     scope: str = "global",
-) -> TaskVector:
+) -> StateDict:
     """TIES-Merging: trim each task to its top entries, elect signs by mass, average the agreeing ones.
 
     ``density`` in (0, 1] is the fraction each task keeps; ``scope`` is ``"global"`` (threshold

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .common import (
-    TaskVector,
+    StateDict,
     is_all_zero,
     is_matrix,
     mean_over_tasks,
@@ -63,7 +63,7 @@ def tsv_merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
         "Non-matrix tensors and `text_projection` are averaged over tasks.",
     ),
 )
-def tsv_m(task_vectors: Sequence[TaskVector], *, device: torch.device | None = None) -> TaskVector:
+def tsv_m(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """TSV-M: per matrix, the task's top 1/T singular triplets, decorrelated by polar factors.
 
     Matrix rule: 2-D tensors whose name does not contain ``text_projection`` take the matrix
