@@ -35,7 +35,7 @@ import torch
 import mergelib
 from mergelib.backbones import BACKBONES, create_clip
 from mergelib.methods import METHODS
-from mergelib.methods.common import fix_signs, is_matrix, orthonormal_completion
+from mergelib.reference import REFERENCE_RULES, reference_merge
 from mergelib.provenance import REPO_ROOT, git_state, provenance, write_json
 
 # Parameters a method needs to run on task vectors alone (ESM's activation subspaces need a model
@@ -77,62 +77,8 @@ def nbytes(vector: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- reference
-def _full_svd_signed(delta):
-    u, s, vh = torch.linalg.svd(delta)  # full matrices: the default
-    r = s.shape[0]
-    return (*fix_signs(u[:, :r], vh[:r]), s)
-
-
-def _polar_full(matrix):
-    p, _, qh = torch.linalg.svd(matrix)
-    r = min(matrix.shape)
-    return p[:, :r] @ qh[:r]
-
-
-def _reference_bases(deltas):
-    m, n = deltas[0].shape
-    r, tasks = min(m, n), len(deltas)
-    k = int(r / tasks)
-    ucat, vtcat, scat = torch.zeros(m, tasks * k, dtype=deltas[0].dtype), torch.zeros(tasks * k, n, dtype=deltas[0].dtype), []
-    for i, delta in enumerate(deltas):
-        u, vh, s = _full_svd_signed(delta)
-        ucat[:, i * k:(i + 1) * k] = u[:, :k]
-        vtcat[i * k:(i + 1) * k] = vh[:k]
-        scat.append(s[:k])
-    return ucat, torch.cat(scat), vtcat, r
-
-
-def reference_tsv_m_matrix(deltas):
-    ucat, scat, vtcat, _ = _reference_bases(deltas)
-    return _polar_full(ucat) @ torch.diag(scat) @ _polar_full(vtcat)
-
-
-def reference_score_matrix(deltas, z=1.96):
-    ucat, _, vtcat, r = _reference_bases(deltas)
-    u_star, vt_star = _polar_full(ucat), _polar_full(vtcat)
-    missing = r - u_star.shape[1]
-    if missing:  # the documented deterministic completion (see mergelib.methods.common)
-        u_star = torch.cat([u_star, orthonormal_completion(u_star, missing)], dim=1)
-        vt_star = torch.cat([vt_star, orthonormal_completion(vt_star.T, missing).T], dim=0)
-    total = torch.zeros(r, r, dtype=deltas[0].dtype)
-    for delta in deltas:
-        projected = u_star.T @ delta @ vt_star.T
-        off = projected.clone()
-        off.fill_diagonal_(0)
-        keep = (off - off.mean()).abs() <= z * off.std() / len(deltas)
-        total += torch.diag(torch.diagonal(projected)) + off * keep
-    return u_star @ total @ vt_star
-
-
-def reference_merge(matrix_rule, task_vectors, keys=None):
-    out = {}
-    for key in keys or task_vectors[0]:
-        deltas = [tv[key] for tv in task_vectors]
-        out[key] = matrix_rule(deltas) if is_matrix(key, deltas[0]) else sum(deltas) / len(deltas)
-    return out
-
-
-REFERENCES = {"score": reference_score_matrix, "tsv_m": reference_tsv_m_matrix}
+# the straightforward full-SVD reference lives in mergelib.reference (one copy, shared with the grid benchmark)
+REFERENCES = REFERENCE_RULES
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -208,18 +154,18 @@ def run_configuration(backbone: str, tasks: int, methods, device, with_reference
         del merged
     if with_reference:
         small_keys = [k for k in shapes if k.startswith("visual.transformer.resblocks.0.") or k in ("visual.proj", "visual.positional_embedding")]
-        for name, rule in REFERENCES.items():
+        for name in REFERENCES:
             if name not in outputs:
                 continue
             record = {}
             print(f"[benchmark] {backbone} T={tasks} reference {name} ...", end=" ", flush=True)
             with measured(torch.device("cpu"), record):
-                reference = reference_merge(rule, vectors)
+                reference = reference_merge(name, vectors)
             print(f"{record['seconds']:.1f} s", flush=True)
             record["speedup_of_mergelib"] = record["seconds"] / result["methods"][name]["seconds"]
             record["relative_difference_float32"] = relative_difference(outputs[name], reference)
             wide = [{k: tv[k].double() for k in small_keys} for tv in vectors]
-            ours64, reference64 = mergelib.merge(name, wide, device="cpu"), reference_merge(rule, wide)
+            ours64, reference64 = mergelib.merge(name, wide, device="cpu"), reference_merge(name, wide)
             record["relative_difference_float64"] = relative_difference(ours64, reference64)
             # how far each float32 result is from the float64 one (same keys): the accuracy that matters
             record["float32_error_mergelib"] = relative_difference({k: outputs[name][k] for k in small_keys}, ours64)

@@ -10,8 +10,8 @@ method specs (strings that :func:`mergelib.methods.registry.parse_method_spec` r
   shared basis, and the paper's ``1/D``). The released default, ``"score"``, comes first.
 * :func:`esm_polarization_grid` is the 2^3 grid of ESM's three polarization levels (task,
   dimension, layer), for its activation decomposition (ESD) and, if asked, its SVD variant.
-* :func:`shared_score_bases` lets a grid of SCORE variants compute each fold's shared basis
-  once (the only part of this module that is not a pure function; the results are unchanged).
+* :func:`shared_score_bases` (deprecated: the protocols use :func:`mergelib.grid.merge_grid`)
+  shares SVD factors between the merges made within it (the results are unchanged).
 * :func:`method_means`, :func:`score_ablation_table`, :func:`merge_vs_ensemble`,
   :func:`inference_costs`, :func:`esm_ablation_table` and :func:`level_effects` turn results
   into the chapter's tables; :func:`comparison` gives the comparative word the prose uses, so
@@ -24,19 +24,19 @@ several datasets, the unweighted mean of the datasets' means.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
-import torch
 
 from .dg import ENSEMBLE, OWN_EXPERT, ZERO_SHOT
 from .errors import ParameterError
 from .methods import METHODS, parse_method_spec
 from .methods.esm import DECOMPOSITIONS
+from .methods.factors import FactorCache
 
 #: The released SCORE and ESM, the reference row of each ablation.
 SCORE_DEFAULT = "score"
@@ -210,44 +210,18 @@ def esm_polarization_grid(decompositions: Sequence[str] = ("esd",), *, ends_only
 
 
 @contextlib.contextmanager
-def shared_score_bases() -> Iterator[dict[str, int]]:
-    """Within this context, SCORE computes the shared basis of a set of task matrices once.
+def shared_score_bases() -> Iterator[Counter]:
+    """Deprecated (kept for old notebooks): the protocols now merge through
+    :func:`mergelib.grid.merge_grid`, which shares the decompositions by itself.
 
-    SCORE's variants that differ only in what they keep or how they trim (``keep``, ``z``,
-    ``divide_by_tasks``, ``trim_statistics``) share each fold's shared basis ``U*, V*``, which is
-    most of the cost of a merge (the SVDs). Inside the context,
-    :func:`mergelib.methods.score.score_basis` is memoised by the content of its input stack and
-    its options, one entry per (matrix name, rank options), the last one seen; a merge gives
-    exactly what it gives outside (the basis is a deterministic function of its inputs). The
-    yielded counts say how many bases were ``computed`` and how many ``reused``. Meant for small
-    models on a CPU, where the content hash costs nothing next to the SVDs.
+    Within this context every SVD-based merge shares its factors through one
+    :class:`mergelib.methods.factors.FactorCache` (each expert's truncated triplets, each fold's
+    shared basis and projections, computed once; the merges are bitwise what they are outside).
+    The yielded counts say how many of each kind were ``"<kind> computed"`` and
+    ``"<kind> reused"``. Nothing is evicted before the context ends: meant for small models.
     """
-    from .methods import score as score_module
-
-    original = score_module.score_basis
-    memo: dict[tuple, tuple[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-    counts = {"computed": 0, "reused": 0}
-
-    def memoised(stack: torch.Tensor, key: str = "matrix", *, rank_fraction: float = 1.0,
-                 complete_basis: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = (key, float(rank_fraction), bool(complete_basis), stack.dtype, tuple(stack.shape), str(stack.device))
-        content = stack.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-        digest = hashlib.blake2b(content, digest_size=20).hexdigest()
-        hit = memo.get(slot)
-        if hit is not None and hit[0] == digest:
-            counts["reused"] += 1
-            return hit[1]
-        basis = original(stack, key, rank_fraction=rank_fraction, complete_basis=complete_basis)
-        memo[slot] = (digest, basis)
-        counts["computed"] += 1
-        return basis
-
-    score_module.score_basis = memoised
-    try:
-        yield counts
-    finally:
-        score_module.score_basis = original
-        memo.clear()
+    with FactorCache() as cache:
+        yield cache.counts
 
 
 # ----------------------------------------------------------------------------- tables

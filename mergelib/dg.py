@@ -22,7 +22,8 @@ from .data import ImageSet
 from .data.files import ImageFileSet
 from .evaluation import EncoderEvaluator, classification_metrics
 from .heads import ClassificationHead
-from .methods import MethodSpec, merge, parse_method_spec
+from .grid import merge_grid
+from .methods import MethodSpec, parse_method_spec
 from .task_vectors import StateDict, apply_task_vector
 
 ZERO_SHOT = "zero-shot"
@@ -79,6 +80,11 @@ def evaluate_leave_one_domain_out(
 
     Results have one row per (held-out domain, method, coefficient) with ``accuracy`` and
     ``balanced_accuracy``; baselines have ``coefficient`` NaN.
+
+    The merges go through :func:`mergelib.grid.merge_grid` (each source expert decomposed once for
+    all folds; the same merges, bitwise, as one at a time). Within a fold the grid merges methods
+    that share factors together, so ``on_row`` may see a fold's methods in that order; the
+    returned table keeps the order of ``methods``. Each method may be listed once.
     """
     domains = list(test_sets)
     folds = domains if held_out is None else list(held_out)
@@ -111,11 +117,14 @@ def evaluate_leave_one_domain_out(
         matrix.append({"expert": expert, "domain": domain, **classification_metrics(logits, test_sets[domain].labels)})
     matrix = pd.DataFrame(matrix)
 
+    # Every (fold, method) merge through one grid: each source expert is decomposed once for all
+    # folds, each fold's shared basis once for all methods (results identical to one merge at a time).
+    fold_sources = [(target, sources) for target, sources in leave_one_out(domains) if target in folds]
+    merges = (merge_grid(task_vectors, [sources for _, sources in fold_sources], specs, fold_parameters=fold_parameters)
+              if specs and fold_sources else iter(()))
     total = len(folds) * sum(len(c) for c in per_method.values())
     bar = tqdm(total=total, desc="merge and evaluate", disable=not progress, leave=False)
-    for target, sources in leave_one_out(domains):
-        if target not in folds:
-            continue
+    for target, sources in fold_sources:
         labels = test_sets[target].labels
         n = len(labels)
         zs = classification_metrics(evaluator.logits(pretrained, heads[target], test_sets[target]), labels)
@@ -129,14 +138,18 @@ def evaluate_leave_one_domain_out(
                    accuracy=float(pick["accuracy"]), balanced_accuracy=float(pick["balanced_accuracy"]))
         ensemble = torch.stack([expert_logits[s, target] for s in sources]).mean(0)
         record(held_out=target, method=ENSEMBLE, coefficient=float("nan"), n_test=n, **classification_metrics(ensemble, labels))
-        source_vectors = [task_vectors[s] for s in sources]
-        for spec in specs:
-            extra = fold_parameters[spec.name](sources) if spec.name in fold_parameters else {}
-            merged = merge(spec.name, source_vectors, **spec.params, **extra)
+        merge_rows: dict[str, list[dict]] = {}  # the grid's order; the table keeps the order of ``methods``
+        for _ in specs:
+            _, spec, merged = next(merges)
             for coefficient in per_method[spec.label]:
                 state = apply_task_vector(pretrained, merged, alpha=coefficient)
                 metrics = classification_metrics(evaluator.logits(state, heads[target], test_sets[target]), labels)
-                record(held_out=target, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
+                row = dict(held_out=target, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
+                merge_rows.setdefault(spec.label, []).append(row)
+                if on_row is not None:
+                    on_row(row)
                 bar.update()
+            del merged
+        rows.extend(row for spec in specs for row in merge_rows.get(spec.label, []))
     bar.close()
     return pd.DataFrame(rows), matrix

@@ -40,7 +40,6 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import torch
 
 from .errors import ParameterError, UnknownNameError
-from .methods.common import TaskVector
 from .methods.factors import FactorCache
 from .methods.registry import MethodSpec, check_method_parameters, merge, parse_method_spec, validate_task_vectors
 
@@ -111,7 +110,7 @@ def merge_grid(
     *,
     device: str | torch.device | None = None,
     fold_parameters: Mapping[str, FoldParameters] | None = None,
-) -> Iterator[tuple[Sequence[str], str | MethodSpec, TaskVector]]:
+) -> Iterator[tuple[Sequence[str], str | MethodSpec, dict[str, torch.Tensor]]]:
     """Merge every fold with every method, each expert decomposed once; yield the merges one at a time.
 
     Args:

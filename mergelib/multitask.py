@@ -24,7 +24,8 @@ from .data.files import ImageFileSet
 from .dg import FoldParameters
 from .evaluation import EncoderEvaluator, classification_metrics
 from .heads import ClassificationHead
-from .methods import MethodSpec, merge, parse_method_spec
+from .grid import merge_grid
+from .methods import MethodSpec, parse_method_spec
 from .task_vectors import StateDict, apply_task_vector
 
 ZERO_SHOT = "zero-shot"
@@ -54,6 +55,10 @@ def evaluate_multitask(
     balanced_accuracy, normalized_accuracy``) and the reference table (``split, task, method,
     accuracy, ...``) with the zero-shot and own-expert rows; ``split`` is ``"test"``, or also
     ``"val"`` when ``val_sets`` are given.
+
+    The merges go through :func:`mergelib.grid.merge_grid` (one fold: every task), which shares
+    the experts' decompositions and the shared basis between methods; ``on_row`` sees the methods
+    in the grid's order, the returned table keeps the order of ``methods``.
     """
     tasks = list(test_sets)
     splits = {"test": test_sets, **({"val": val_sets} if val_sets is not None else {})}
@@ -76,14 +81,13 @@ def evaluate_multitask(
                     own[split, task] = metrics["accuracy"]
     reference = pd.DataFrame(reference_rows)
 
-    rows = []
+    rows_of: dict[str, list[dict]] = {}  # the grid's order; the table keeps the order of ``methods``
     sources = list(task_vectors)
-    vectors = [task_vectors[t] for t in sources]
     bar = tqdm(total=sum(len(c) for c in per_method.values()) * len(tasks) * len(splits),
                desc="merge and evaluate (multi-task)", disable=not progress, leave=False)
-    for spec in specs:
-        extra = fold_parameters[spec.name](sources) if spec.name in fold_parameters else {}
-        merged = merge(spec.name, vectors, **spec.params, **extra)
+    merges = merge_grid(task_vectors, [sources], specs, fold_parameters=fold_parameters) if specs else ()
+    for _, spec, merged in merges:
+        rows = rows_of.setdefault(spec.label, [])
         for coefficient in per_method[spec.label]:
             state = apply_task_vector(pretrained, merged, alpha=coefficient)
             for split, sets in splits.items():
@@ -98,8 +102,9 @@ def evaluate_multitask(
                     if on_row is not None:
                         on_row(row)
                     bar.update()
+        del merged
     bar.close()
-    return pd.DataFrame(rows), reference
+    return pd.DataFrame([row for spec in specs for row in rows_of.get(spec.label, [])]), reference
 
 
 def select_on_validation(results: pd.DataFrame, *, by: str = "accuracy") -> pd.DataFrame:

@@ -687,7 +687,7 @@ def run_multitask(
     from .data.task_suites import TASKS, load_task, published_finetuned_accuracy
     from .evaluation import classification_metrics
     from .importers import CheckpointMismatchError, load_imported
-    from .methods import merge
+    from .grid import merge_grid
     from .task_vectors import apply_task_vector
 
     names = check_multitask_run(backbone, tasks, methods=methods, experts_dir=experts_dir, precision=precision,
@@ -735,17 +735,21 @@ def run_multitask(
     rows = [{"method": "zero-shot", "alpha": float("nan"), "split": split, "task": t, "accuracy": a,
              "normalized_accuracy": _ratio(a, reference[split][t]), "selected": True}
             for split in ("val", "test") for t, a in accuracies(pretrained, split).items()]
-    searches = {}
-    for spec in specs:
-        extra = {}
-        if needs_essential_subspaces(spec):
-            from .essential import essential_subspaces
+    def esm_subspaces(fold: list[str]) -> dict:
+        """ESM's activation subspaces of the fold's experts on their proxy images."""
+        from .essential import essential_subspaces
 
-            proxies = {t: torch.stack([data["val", t][0][i][0] for i in range(min(esm_proxy_count, len(data["val", t][0])))])
-                       for t in names}
-            extra["subspaces"] = [essential_subspaces(clip.model.visual, pretrained, vectors[t], proxies[t], device=torch_device)
-                                  for t in names]
-        merged = merge(spec.name, [vectors[t] for t in names], **spec.params, **extra)
+        proxies = {t: torch.stack([data["val", t][0][i][0] for i in range(min(esm_proxy_count, len(data["val", t][0])))])
+                   for t in fold}
+        return {"subspaces": [essential_subspaces(clip.model.visual, pretrained, vectors[t], proxies[t], device=torch_device)
+                              for t in fold]}
+
+    # every method's merge through one grid: the experts' decompositions and the shared basis are
+    # computed once for all methods (the same merges as one at a time); rows keep the order of ``methods``
+    searches_of, rows_of = {}, {}
+    with_subspaces = {spec.label: esm_subspaces for spec in specs if needs_essential_subspaces(spec)}
+    for _, spec, merged in merge_grid(vectors, [names], specs, fold_parameters=with_subspaces):
+        spec_rows = rows_of[spec.label] = []
         evaluated: dict[float, dict[str, float]] = {}
 
         def evaluate(alpha: float) -> dict[str, float]:
@@ -755,13 +759,16 @@ def run_multitask(
                     "normalized": sum(_ratio(val[t], reference["val"][t]) for t in names) / len(names)}
 
         search = search_alpha(ALPHA_RULES.get(spec.name, "task_arithmetic"), evaluate)
-        searches[spec.label] = search.to_dict()
+        searches_of[spec.label] = search.to_dict()
         for alpha, val in evaluated.items():
-            rows += [{"method": spec.label, "alpha": alpha, "split": "val", "task": t, "accuracy": a,
-                      "normalized_accuracy": _ratio(a, reference["val"][t]), "selected": alpha == search.alpha} for t, a in val.items()]
+            spec_rows += [{"method": spec.label, "alpha": alpha, "split": "val", "task": t, "accuracy": a,
+                           "normalized_accuracy": _ratio(a, reference["val"][t]), "selected": alpha == search.alpha}
+                          for t, a in val.items()]
         test = accuracies(apply_task_vector(pretrained, merged, alpha=search.alpha), "test")
-        rows += [{"method": spec.label, "alpha": search.alpha, "split": "test", "task": t, "accuracy": a,
-                  "normalized_accuracy": _ratio(a, reference["test"][t]), "selected": True} for t, a in test.items()]
+        spec_rows += [{"method": spec.label, "alpha": search.alpha, "split": "test", "task": t, "accuracy": a,
+                       "normalized_accuracy": _ratio(a, reference["test"][t]), "selected": True} for t, a in test.items()]
+    rows += [row for spec in specs for row in rows_of[spec.label]]
+    searches = {spec.label: searches_of[spec.label] for spec in specs}
     results = pd.DataFrame(rows).assign(backbone=backbone, tasks=len(names))
     parameters = {"backbone": backbone, "tasks": names, "methods": [s.label for s in specs], "precision": precision,
                   "normalize_with": normalize_with, "emnist_rotate_flip": emnist_rotate_flip,
