@@ -106,6 +106,7 @@ NOTEBOOKS: tuple[BookNotebook, ...] = (
                  outputs=("results/standin/*/multitask/**",)),
     BookNotebook("results", inputs=("results/replication/**", f"{MINIATURE_RESULTS}/results.csv")),
     BookNotebook("methods"),
+    BookNotebook("paper_vs_code"),  # rendered from the registry's code notes
     BookNotebook("performance", smoke_parameters={"layer_shape": [48, 24]},
                  inputs=("results/benchmarks/*.json", "benchmarks/gpu_checks.sh")),  # the script's time budget
 )
@@ -351,12 +352,34 @@ def glue(name: str, value: Any) -> None:
     myst_glue(name, value, display=False)
 
 
+def _table_cell(text: str) -> str:
+    """``text`` as one cell of a Markdown table (pipes escaped)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def code_notes_table(method) -> str:
+    """A MyST Markdown table of a registered method's code notes, one row per
+    :class:`~mergelib.methods.registry.CodeNote`: the topic, what the paper's text says, what the
+    released code does (mergelib's default), the switch to the paper's version and what mergelib
+    does where that is not simply the released behaviour. "" for a method without notes."""
+    if not method.code_notes:
+        return ""
+    lines = ["| # | topic | paper | released code (the default) | paper's version | `mergelib` |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for number, note in enumerate(method.code_notes, 1):
+        switch = f"`{method.name}({note.switch})`" if note.switch else "—"
+        cells = (str(number), note.topic, note.paper, note.released, switch, note.mergelib or "as released")
+        lines.append("| " + " | ".join(_table_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
 def method_card(method) -> str:
     """A MyST Markdown description of a registered merging method, for the book's methods page.
 
     Everything comes from the registry: the paper, the arXiv id, the equation, the defaults read
-    from the function's signature, the docstring's summary and the notes on where the method
-    follows the released code rather than the paper's text.
+    from the function's signature, the docstring's summary and the topics of its code notes (where
+    it follows the released code rather than the paper's text), each with the switch to the
+    paper's version; :func:`code_notes_table` gives the notes in full (the paper versus code page).
     """
     import inspect
 
@@ -370,8 +393,10 @@ def method_card(method) -> str:
     else:
         lines += ["No parameters.", ""]
     if method.code_notes:
-        lines += ["**Where it follows the released code rather than the paper's text.**", ""]
-        lines += [f"- {note}" for note in method.code_notes]
+        lines += ["**Where it follows the released code rather than the paper's text** "
+                  "(in full in {doc}`paper_vs_code`):", ""]
+        lines += [f"- {note.topic}" + (f" (the paper's version: `{note.switch}`)" if note.switch else "")
+                  for note in method.code_notes]
         lines.append("")
     module = inspect.getmodule(method.function)
     lines.append(f"Implemented in `{module.__name__}` (`{method.function.__name__}`).")

@@ -283,6 +283,7 @@ RULES: dict[str, dict[str, Rule]] = {
                             **_STANDINS},
     "results": {"backbones": BACKBONE},
     "methods": {"methods": Rule(list[str], registered("merge method", _methods))},
+    "paper_vs_code": {"methods": Rule(list[str], registered("merge method", _methods))},
     "performance": {"layer_shape": COUNT, "layer_tasks": COUNT, "seed": SEED},
 }
 

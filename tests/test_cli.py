@@ -38,6 +38,8 @@ def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in METHODS)
+    assert "released code, not the paper: trimming threshold (the paper's version: divide_by_tasks=False)" in out
+    assert sum(len(method.code_notes) for method in METHODS.values()) == out.count("released code, not the paper:")
 
 
 def test_merge_writes_pretrained_plus_the_merged_task_vector_and_a_manifest(checkpoints, capsys):

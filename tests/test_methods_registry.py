@@ -95,3 +95,64 @@ def test_registering_needs_defaults_and_unique_names():
             return tvs[0]
         register("needs_default_test", paper="x", arxiv=None, equation="x")(method)
     assert "needs_default_test" not in METHODS
+
+
+# ----------------------------------------------------------------------------- code notes
+def test_every_code_note_is_structured_and_its_switch_is_accepted():
+    from mergelib.methods import CodeNote, check_method_parameters
+
+    for name, method in METHODS.items():
+        for note in method.code_notes:
+            assert isinstance(note, CodeNote), (name, note)
+            assert all(isinstance(text, str) and text.strip() for text in (note.topic, note.paper, note.released)), note
+            assert note.switch is None or note.switch.strip(), note
+            switch = note.switch_parameters()
+            assert bool(switch) == (note.switch is not None), note
+            assert set(switch) <= set(method.defaults), (name, note.switch)
+            assert check_method_parameters(name, switch) == {**method.defaults, **switch}
+            assert not switch or any(switch[key] != method.defaults[key] for key in switch), note.switch  # not the default
+    switches = {note.switch for note in METHODS["score"].code_notes}
+    assert {"divide_by_tasks=False", "trim_statistics='off_diagonal'", "keep='full'"} <= switches
+    topics = {note.topic: note for note in METHODS["esm"].code_notes}
+    tied = topics["ordering of tied eigenvalues"]
+    assert "unstable sort" in tied.released and "5e-2" in tied.mergelib and "7e-6" in tied.mergelib
+    assert "2e-3" in topics["task norm"].mergelib
+
+
+def test_register_refuses_unstructured_notes_and_switches_it_would_refuse():
+    from mergelib.methods import CodeNote
+
+    def method(task_vectors, *, device=None, scale: float = 1.0):
+        return task_vectors[0]
+
+    bad = {
+        "a string": ("plain text",),
+        "an empty field": (CodeNote("topic", paper=" ", released="x"),),
+        "an unknown parameter": (CodeNote("topic", paper="p", released="r", switch="sharpness=2"),),
+        "a refused value": (CodeNote("topic", paper="p", released="r", switch="scale=true"),),
+        "no value": (CodeNote("topic", paper="p", released="r", switch="scale"),),
+        "the default": (CodeNote("topic", paper="p", released="r", switch="scale=1.0"),),
+    }
+    for label, notes in bad.items():
+        with pytest.raises(ValueError, match="code note"):
+            register("notes_for_test", paper="x", arxiv=None, equation="x", code_notes=notes)(method)
+        assert "notes_for_test" not in METHODS, label
+    good = (CodeNote("scale", paper="scale 2", released="scale 1", switch="scale=2.0"),)
+    try:
+        register("notes_for_test", paper="x", arxiv=None, equation="x", code_notes=good)(method)
+        assert METHODS["notes_for_test"].code_notes == good and good[0].switch_parameters() == {"scale": 2.0}
+    finally:
+        METHODS.pop("notes_for_test", None)
+
+
+def test_book_and_cli_render_the_code_notes():
+    from mergelib.book import code_notes_table, method_card
+
+    score = METHODS["score"]
+    table = code_notes_table(score).splitlines()
+    assert len(table) == 2 + len(score.code_notes)
+    assert all(row.count(" | ") == 5 for row in table)  # pipes inside the text are escaped
+    assert "`score(divide_by_tasks=False)`" in table[2] and "\\|x − μ\\|" in table[2]
+    card = method_card(score)
+    assert all(note.topic in card for note in score.code_notes) and "{doc}`paper_vs_code`" in card
+    assert code_notes_table(METHODS["weight_average"]) == ""

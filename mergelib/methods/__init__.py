@@ -9,6 +9,7 @@ import pkgutil
 
 from .registry import (
     METHODS,
+    CodeNote,
     MergeMethod,
     MethodSpec,
     check_method_parameters,
@@ -24,5 +25,5 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "MergeMethod", "MethodSpec", "check_method_parameters", "merge", "parse_method_spec",
+__all__ = ["METHODS", "CodeNote", "MergeMethod", "MethodSpec", "check_method_parameters", "merge", "parse_method_spec",
            "parse_parameter_value", "register", "validate_task_vectors"]

@@ -20,10 +20,8 @@ Parameters (MergeKit's names): ``density`` in (0, 1], the fraction kept per tens
 hyper-parameter search (kept fraction 0.15 searched in [0.05, 0.20], removed top fraction 0.006 in
 [0.001, 0.01]); MergeKit's default gamma is 0.01. ``density = 1, gamma = 0`` is task arithmetic.
 
-Differences from released code: the authors' code (and SCORE's copy of it) ranks the magnitudes
-within each row of a tensor (its last dimension) rather than within the whole tensor as the
-paper's text and MergeKit do; this module follows the text. SCORE's released ``breadcumbs`` merge
-never calls its masking code and is a plain sum of the task vectors.
+Where this follows the released code rather than the paper: see
+``METHODS['breadcrumbs'].code_notes`` and the book's Paper versus released code page.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import torch
 
 from ..errors import ParameterValueError
 from .common import Fraction, StateDict, merge_per_key
-from .registry import register
+from .registry import CodeNote, register
 
 
 def band_mask(magnitudes: torch.Tensor, keep: int, top: int) -> torch.Tensor:
@@ -74,11 +72,18 @@ def check_band(density: float, gamma: float) -> None:
              r"\operatorname{rank}|\tau_t| < n - \gamma'\,],\ \kappa = \lfloor \text{density}\,n \rfloor,\ "
              r"\gamma' = \lfloor \gamma n \rfloor",
     code_notes=(
-        "SCORE's released `breadcumbs` merge is a plain sum of the task vectors: its masking code "
-        "is never called.",
-        "The authors' code ranks magnitudes within each row (last dimension); here, as in the "
-        "paper's text, within each tensor.",
-        "0-D tensors are left unmasked, as in the authors' code.",
+        CodeNote("ranking of the magnitudes",
+                 paper="within each tensor (layer by layer), as MergeKit does",
+                 released="the authors' code (and SCORE's copy of it) ranks within each row of a tensor (its last "
+                          "dimension)",
+                 mergelib="follows the paper's text: within each tensor"),
+        CodeNote("0-D tensors",
+                 paper="not discussed",
+                 released="left unmasked (`logit_scale`)"),
+        CodeNote("Breadcrumbs in SCORE's comparison",
+                 paper="SCORE's paper compares with Model Breadcrumbs",
+                 released="SCORE's `breadcumbs` merge never calls its masking code: a plain sum of the task vectors",
+                 mergelib="`breadcrumbs` implements the paper's mask"),
     ),
     checks=dict(density=Fraction(zero_ok=False, one_ok=True), gamma=Fraction(zero_ok=True, one_ok=False)),
     relation=lambda params: check_band(params["density"], params["gamma"]),

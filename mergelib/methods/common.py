@@ -33,8 +33,8 @@ import torch
 
 from ..errors import ParameterError, ParameterValueError, StateKeyError, TensorError
 
-#: A state dict or a plain task vector: parameter names to tensors (the methods' inputs and results;
-#: :class:`mergelib.task_vectors.TaskVector` is such a dict with arithmetic).
+#: Parameter names to tensors, as in a state dict or a plain task vector (the methods' inputs and
+#: results), of which :class:`mergelib.task_vectors.TaskVector` is a subclass with arithmetic.
 StateDict = dict[str, torch.Tensor]
 #: The :class:`mergelib.methods.factors.FactorCache` in effect, if any (set by its context manager):
 #: :func:`stacked` tells it which source tensors each stack holds.

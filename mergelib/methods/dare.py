@@ -25,9 +25,10 @@ Determinism: the mask of task ``t`` and tensor ``key`` is drawn on the CPU from 
 ``torch.Generator`` seeded with a SHA-256 hash of ``(seed, t, key)``, so the result is the same for
 any key order and any compute device, and every (task, tensor) pair gets its own mask.
 
-SCORE's released code contains a DARE masking function (random and magnitude strategies) that is
-never called: its ``dare_ta`` and ``dare_ties`` merges are plain task arithmetic and plain TIES,
-and neither is a command-line choice. This module implements the paper's random strategy.
+This module implements the paper's random strategy.
+
+Where this follows the released code rather than the paper: see
+``METHODS['dare'].code_notes`` and the book's Paper versus released code page.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from ..errors import ParameterValueError
 from .common import Choice, Flag, Fraction, Integer, StateDict, merge_per_key
-from .registry import register
+from .registry import CodeNote, register
 from .ties import ties_merge
 
 COMBINES = ("sum", "ties")
@@ -75,8 +76,12 @@ def check_combination(combine: str, ties_density: float) -> None:
     equation=r"\hat\tau_t = \frac{m_t \odot \tau_t}{1 - p},\ m_t \sim \operatorname{Bernoulli}(1 - p),\ "
              r"\tau = \sum_t \hat\tau_t\ \text{(or TIES on the } \hat\tau_t)",
     code_notes=(
-        "SCORE's released code has DARE masking code that is never called: its `dare_ta` and "
-        "`dare_ties` merges are plain task arithmetic and plain TIES.",
+        CodeNote("DARE in SCORE's comparison",
+                 paper="SCORE's paper compares with DARE",
+                 released="SCORE's code contains a DARE masking function (random and magnitude strategies) that "
+                          "is never called: its `dare_ta` and `dare_ties` merges are plain task arithmetic and "
+                          "plain TIES, and neither is a command-line choice",
+                 mergelib="`dare` implements the DARE paper's random drop and rescale"),
     ),
     checks=dict(drop_rate=Fraction(zero_ok=True, one_ok=False), rescale=Flag(), seed=Integer(),
                 combine=Choice(COMBINES), ties_density=Fraction(zero_ok=False, one_ok=True)),

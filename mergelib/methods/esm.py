@@ -29,42 +29,22 @@ with ``p = 2`` (polarized scaling: squared relative norms). After all layers are
 out_proj, c_fc, c_proj; out_proj included although TSV-merged) by ``(‖ΔW_ℓ‖_F / μ_type)^p``,
 ``μ_type`` the mean norm over the blocks of that type. The merged model is
 ``θ_0 + α ΔW`` on the ESD keys and ``θ_0 + ΔW`` elsewhere (released); the released code picks α
-by golden-section search on [0, 2] (ratio 0.618, first points 0.764 and 1.236, at most 15
-iterations, bracket < 0.01) comparing validation mean accuracy, and keeps the evaluated α with
-the best validation normalized accuracy (reference §0.6); that search is the caller's, ``alpha``
-here is just the factor.
+by a golden-section search on validation data (see the code notes); that search is the caller's,
+``alpha`` here is just the factor.
 
 **Released code vs paper.** The defaults follow the released code (``kiddo127/ESM``,
 ``ESM-ViT/src/utils/esm_utils.py``); each difference has a switch whose other value is the paper
-text (the CVPR text itself could not be read; the paper side is from third-party notes):
+text where there is one (the CVPR text itself could not be read; the paper side is from
+third-party notes). Where this follows the released code rather than the paper: see
+``METHODS['esm'].code_notes`` and the book's Paper versus released code page.
 
-* ``eigen_exponent=0.15``: basis columns and coordinate rows weighted by ``ω_t`` (paper: 0, no
-  weighting; probably an addition of the extended version, arXiv 2606.19164).
-* ``mean_singular_value_scaling=True``: each whitened factor is rescaled by its mean singular
-  value (paper: ``False``, bare polar factors ``U_P V_Pᵀ``, ``U_A V_Aᵀ``).
-* ``output_factor=2.0``: the product is doubled (paper: 1). Since α scales only the ESD keys, this
-  factor is not absorbed by α for the other keys' relative scale.
-* ``task_norm="full"``: ``n_t = ‖E_tᵀ ΔW_t‖_F`` over all coordinates (paper: ``"truncated"``,
-  ``‖Â_t‖_F`` of the k kept rows). With a complete orthonormal basis this is ``‖ΔW_t‖_F``. When the
-  subspace was stored truncated (``essential_subspaces(keep=...)`` < ``d_out`` columns) it is taken
-  as ``‖ΔW_t‖_F``, its value for any orthonormal completion; the released code's full basis is
-  not orthonormal only when the PCA had fewer rows than ``d_out`` (padded standard axes, e.g.
-  ViT-B/32 QKV and fc1 with 32 images), where it counts the padded rows of ``ΔW_t`` twice: pass
-  complete bases (``keep=d_out``) to reproduce that exactly.
-* ``esd_layers="released"``: ESD on QKV, fc1, fc2 only (out_proj's hook is commented out in the
-  released code). ``"all_linear"`` also decomposes ``attn.out_proj.weight``; it is the plain
-  reading of the paper, whose description applies ESD to every layer without exclusion.
-  ``visual.proj`` and the positional embedding stay TSV-M in both (a single class token per image
-  is too few rows for a PCA, as the released code notes).
-* ``alpha_scope="esd_keys"``: α multiplies only the ESD keys and the caller applies the merged
-  vector with global coefficient 1 (paper: ``"all"``, ``θ_0 + α β_ℓ ΔW`` on every key).
-* ``task_scaling``, ``dimension_scaling``, ``layer_scaling`` (all ``True``) switch the three
-  polarization levels one at a time (the paper's ablation); ``polarization_power=2`` is their
-  common exponent (``-2`` is the reciprocal scaling the paper reports as harmful).
-* Rank budget: ``rank_budget="output"`` gives ``k = int(d_out / T)`` for the ESD layers (paper and
-  code; for fc1 and QKV far more than TSV's ``int(min(d_out, d_in) / T)``, which
-  ``rank_budget="min_dim"`` selects, e.g. for the SVD ablation). With ``decomposition="svd"`` at
-  most ``min(d_out, d_in)`` singular vectors exist, so ``k`` is capped there.
+Parameters that are not such differences: ``task_scaling``, ``dimension_scaling``,
+``layer_scaling`` (all ``True``) switch the three polarization levels one at a time (the paper's
+ablation); ``polarization_power=2`` is their common exponent (``-2`` is the reciprocal scaling the
+paper reports as harmful). ``rank_budget="output"`` gives ``k = int(d_out / T)`` for the ESD
+layers (paper and code; for fc1 and QKV far more than TSV's ``int(min(d_out, d_in) / T)``, which
+``rank_budget="min_dim"`` selects, e.g. for the SVD ablation). With ``decomposition="svd"`` at
+most ``min(d_out, d_in)`` singular vectors exist, so ``k`` is capped there.
 
 Numerical notes: when all ``λ_t[:k]`` are zero (a zero task matrix among non-zero ones) the
 eigenvalue weights are taken as 1 (the released code would divide 0 by 0); an all-zero stack
@@ -101,7 +81,7 @@ from .common import (
     stacked,
 )
 from .factors import task_triplets
-from .registry import MethodSpec, parse_method_spec, register
+from .registry import CodeNote, MethodSpec, parse_method_spec, register
 from .tsv import tsv_merge_matrix
 
 ESD_LAYER_SETS: dict[str, tuple[str, ...]] = {
@@ -331,20 +311,70 @@ def _check_subspaces(
         r"\beta_\ell = \big(\|\Delta W^\ell\|_F/\mu_{\mathrm{type}}\big)^{2},\ k = \lfloor d_{\mathrm{out}}/T\rfloor"
     ),
     code_notes=(
-        "Eigenvalue weights (λ/mean λ)^0.15, normalised to mean 1, scale the basis columns and the "
-        "coordinate rows (paper: none; eigen_exponent=0).",
-        "Each whitened factor is rescaled by its mean singular value (paper: bare polar factors; "
-        "mean_singular_value_scaling=False).",
-        "The merged ESD layer is multiplied by 2 (paper: 1; output_factor=1).",
-        "Task norm n_t = ‖E_tᵀΔW_t‖_F of the full coordinates (paper: the truncated ‖Â_t‖_F; "
-        "task_norm='truncated').",
-        "ESD only on QKV, fc1 and fc2; out_proj, visual.proj and the positional embedding get TSV-M, "
-        "non-matrices the mean (esd_layers='all_linear' adds out_proj).",
-        "Layer-level polarization over in_proj, out_proj, c_fc, c_proj separately, out_proj included.",
-        "α multiplies only the ESD keys; the other keys enter with coefficient 1 (paper: α on every key; "
-        "alpha_scope='all').",
-        "Proxy data: min(32, N) validation images of each expert (np.random.RandomState(seed).choice), hooks "
-        "on θ0+τ_t, uncentred PCA with λ = s²/(n−1), padded with standard axes when n < d_out.",
+        CodeNote("eigenvalue weighting",
+                 paper="none (notes)",
+                 released="basis columns and coordinate rows weighted by ω_t = (λ_t / mean λ_t)^0.15, normalised "
+                          "to mean 1 (probably an addition of the extended version, arXiv 2606.19164)",
+                 switch="eigen_exponent=0"),
+        CodeNote("whitening",
+                 paper="bare polar factors U_P V_Pᵀ, U_A V_Aᵀ (notes)",
+                 released="each polar factor rescaled by the mean singular value of what it whitens",
+                 switch="mean_singular_value_scaling=False"),
+        CodeNote("output factor",
+                 paper="none, i.e. 1 (notes)",
+                 released="the merged ESD layers are doubled; since α scales only the ESD keys, this factor is "
+                          "not absorbed by α for the other keys' relative scale",
+                 switch="output_factor=1.0"),
+        CodeNote("task norm",
+                 paper="of the truncated coordinates, ‖Â_t‖_F of the k kept rows (notes)",
+                 released="of the full coordinates, n_t = ‖E_tᵀ ΔW_t‖_F (‖ΔW_t‖_F for a complete orthonormal "
+                          "basis); its full basis is not orthonormal only when the PCA had fewer rows than d_out "
+                          "(padded standard axes, e.g. ViT-B/32 QKV and fc1 with 32 images), where it counts the "
+                          "padded rows of ΔW_t twice",
+                 switch="task_norm='truncated'",
+                 mergelib="a subspace stored truncated (`essential_subspaces(keep=...)` < d_out columns) gives "
+                          "‖ΔW_t‖_F, its value for any orthonormal completion; pass complete bases (keep=d_out) "
+                          "to reproduce the released value exactly. Measured with the released code (reported "
+                          "with issue 12): its task norm with truncated subspaces differs from mergelib's by "
+                          "about 2e-3"),
+        CodeNote("which layers get the ESD",
+                 paper="every layer, no exclusion described (notes)",
+                 released="QKV, MLP fc1 and fc2 (out_proj's hook is commented out); `attn.out_proj.weight`, "
+                          "`visual.proj` and the positional embedding get TSV-M, non-matrices the mean",
+                 switch="esd_layers='all_linear'",
+                 mergelib="`visual.proj` and the positional embedding stay TSV-M in both settings (a single "
+                          "class token per image is too few rows for a PCA, as the released code notes)"),
+        CodeNote("layer-level polarization",
+                 paper="a factor β_ℓ per layer (notes)",
+                 released="β_ℓ = (‖ΔW_ℓ‖_F / μ_type)^p with μ_type the mean over the blocks of each of in_proj, "
+                          "out_proj, c_fc, c_proj separately, out_proj included although it is TSV-merged"),
+        CodeNote("where α applies",
+                 paper="θ_0 + α β_ℓ ΔW on every key (notes)",
+                 released="α multiplies only the ESD keys; the other keys are added with coefficient 1",
+                 switch="alpha_scope='all'",
+                 mergelib="with `alpha_scope='esd_keys'` the caller applies the merged vector with global "
+                          "coefficient 1"),
+        CodeNote("choosing α",
+                 paper="on validation data (notes)",
+                 released="golden-section search on [0, 2] (ratio 0.618, first points 0.764 and 1.236, at most 15 "
+                          "iterations, bracket < 0.01) comparing validation mean accuracy, keeping the evaluated α "
+                          "with the best validation normalized accuracy (reference §0.6)",
+                 mergelib="the search is the caller's (`alpha` is just the factor); the miniature chooses the "
+                          "coefficient on a validation grid (the ESM derivation chapter)"),
+        CodeNote("proxy data",
+                 paper="a few proxy inputs per task (notes)",
+                 released="min(32, N) validation images of each expert (np.random.RandomState(seed).choice), hooks "
+                          "on θ_0 + τ_t, uncentred PCA with λ = s² / (n − 1), padded with standard axes when "
+                          "n < d_out",
+                 mergelib="as released (`mergelib.essential.essential_subspaces`)"),
+        CodeNote("ordering of tied eigenvalues",
+                 paper="not discussed",
+                 released="when the per-task budget exceeds the number of non-zero eigenvalues (for `mlp.c_fc` "
+                          "whenever T ≤ 3 at ViT widths), it picks among exactly-zero eigenvalues with an unstable "
+                          "sort, so its result there is not a function of its inputs",
+                 mergelib="a stable order: deterministic. Measured with the released code on a ViT-B/32 block "
+                          "(reported with issue 12): merged `c_fc` differs by about 5e-2 (relative) from "
+                          "mergelib's, 7e-6 when both are given the same subspaces"),
     ),
     checks=dict(
         subspaces=check_subspaces_argument, alpha=Number(), alpha_scope=Choice(ALPHA_SCOPES),

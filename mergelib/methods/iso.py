@@ -21,10 +21,8 @@ vectors by their polar factors, and use the mean of all ``r`` kept singular valu
 
     tau = mean(sigma) * polar([U~_1 .. U~_T | U_c]) polar([V~_1 .. V~_T | V_c])^T.
 
-Following the released code rather than the text: the slot sizes above (e.g. r = 768, T = 3
-gives c = 615, s = 51), the left-only projection of the residual, non-matrix tensors averaged,
-and the global coefficient alpha applied afterwards to every tensor (the paper tunes alpha on
-validation data; SCORE's protocol fixes it at 1).
+Where this follows the released code rather than the paper: see ``METHODS['iso_c'].code_notes``,
+``METHODS['iso_cts'].code_notes`` and the book's Paper versus released code page.
 
 When the sum is rank-deficient, its zero singular directions get the mean value too, and which
 directions they are is the SVD routine's choice (as in the released code).
@@ -37,7 +35,7 @@ from typing import Sequence
 import torch
 
 from .common import Fraction, StateDict, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
-from .registry import register
+from .registry import CodeNote, register
 
 
 def iso_c_matrix(stack: torch.Tensor) -> torch.Tensor:
@@ -83,11 +81,14 @@ def _per_key(matrix_rule):
 
 
 _COMMON_NOTES = (
-    "Non-matrix tensors and `text_projection` are averaged over tasks.",
-    "The paper tunes the global coefficient alpha on validation data; SCORE's domain-generalisation "
-    "protocol applies every method at alpha = 1.",
+    CodeNote("non-matrix parameters",
+             paper="not described",
+             released="non-matrix tensors and `text_projection` averaged over tasks (mean)"),
+    CodeNote("merge coefficient",
+             paper="α tuned on validation data",
+             released="the global coefficient α applied afterwards to every tensor",
+             mergelib="SCORE's domain-generalisation protocol applies every method at α = 1"),
 )
-
 
 @register(
     "iso_c",
@@ -115,10 +116,17 @@ def iso_c(task_vectors: Sequence[StateDict], *, device: torch.device | None = No
     equation=r"\tau = \bar\sigma\,\operatorname{polar}([\tilde U_1 \cdots \tilde U_T\ U_c])\,"
              r"\operatorname{polar}([\tilde V_1 \cdots \tilde V_T\ V_c])^\top",
     code_notes=(
-        "Sizes as released: c0 = int(0.8 r), S = round((r - c0) / T) T task slots (round half to "
-        "even), common c = r - S, s = S / T per task.",
-        "Task blocks first, common block last (the paper writes the common block first).",
-        "The task residual removes only the common left subspace.",
+        CodeNote("subspace sizes",
+                 paper="the sizes of Alg. 2 (the rounding below is the code's)",
+                 released="c_0 = int(0.8 r), S = round((r − c_0) / T) T task slots (Python's round, half to even), "
+                          "common size c = r − S, s = S / T per task; e.g. r = 768, T = 3 gives c = 615, s = 51"),
+        CodeNote("order of the blocks",
+                 paper="the common block first",
+                 released="the task blocks first, the common block last",
+                 mergelib="as released (with a flat spectrum the order does not matter)"),
+        CodeNote("task residual",
+                 paper="each task's residual outside the common subspace",
+                 released="the residual removes only the common *left* subspace, R_t = Δ_t − U_c U_cᵀ Δ_t"),
         *_COMMON_NOTES,
     ),
     checks=dict(common_fraction=Fraction(zero_ok=False, one_ok=True)),

@@ -7,11 +7,8 @@ Element-wise maximum-magnitude selection over the task vectors: for every coordi
 
 applied to every tensor alike. The global coefficient lambda is applied with the merged vector.
 
-Following the released code (SCORE's, which matches the MagMax authors'): the tasks are scanned in
-order and a later task replaces the current value when its magnitude is greater *or equal*, so on
-ties the later task wins. The paper merges the task vectors of *sequentially* fine-tuned models
-(each starting from the previous one); SCORE applies the same selection rule to independently
-fine-tuned experts, as does this function (the rule does not depend on how the vectors were made).
+Where this follows the released code rather than the paper: see
+``METHODS['magmax'].code_notes`` and the book's Paper versus released code page.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .common import StateDict, merge_per_key
-from .registry import register
+from .registry import CodeNote, register
 
 
 def max_magnitude(key: str, stack: torch.Tensor) -> torch.Tensor:
@@ -38,9 +35,14 @@ def max_magnitude(key: str, stack: torch.Tensor) -> torch.Tensor:
     arxiv="2407.06322",
     equation=r"\tau_j = \tau_{t^*\!,\,j},\ t^* = \arg\max_t |\tau_{t,j}|",
     code_notes=(
-        "On ties in magnitude the later task wins (the released code compares with >=).",
-        "Applied to independently fine-tuned experts, whereas the paper merges sequentially "
-        "fine-tuned ones.",
+        CodeNote("ties in magnitude",
+                 paper="argmax_t |τ_t,j|, ties not discussed",
+                 released="SCORE's code (matching the MagMax authors') scans the tasks in order and a later task "
+                          "replaces the current value when its magnitude is greater or equal: the later task wins"),
+        CodeNote("which task vectors",
+                 paper="those of sequentially fine-tuned models (each starting from the previous one)",
+                 released="SCORE applies the selection to independently fine-tuned experts",
+                 mergelib="as SCORE; the rule does not depend on how the vectors were made"),
     ),
 )
 def magmax(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:

@@ -24,11 +24,8 @@ them within each tensor. An entry is weighted only if its score is strictly abov
 so a tensor of fewer than ``1 / ratio`` entries merges to zero in the per-tensor scope (its
 threshold is its maximum), as does any all-zero tensor.
 
-Following the released code rather than the paper's text: the concrete activations (``exp``,
-``tanh``), the 1 % / 99 % magnitude clamping and the sorted positions above are the code's; the
-PCB authors search a per-task lambda in [0.8, 1.3] by an evolutionary strategy, SCORE fixes 1.
-Where the released code divides 0 by 0 (a row whose clamped magnitudes, or whose clamped scores,
-are all equal, such as an all-zero task vector) and produces NaN, the normalised value is 0 here.
+Where this follows the released code rather than the paper: see
+``METHODS['pcb'].code_notes`` and the book's Paper versus released code page.
 
 Memory (global scope): the statistics are per task; pass 1 holds one task's flattened ``|X|`` to
 get its clamping bounds; pass 2 computes one task's scores over all tensors (each score needs all
@@ -43,7 +40,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
-from .registry import register
+from .registry import CodeNote, register
 from .ties import SCOPES
 
 OUTLIER_FRACTION = 0.01  # magnitudes are clamped at the 1 % and 99 % order statistics
@@ -140,12 +137,26 @@ def pcb_global(task_vectors: Sequence[StateDict], ratio: float, device: torch.de
              r"W_i = \operatorname{mm}\big(\max(S_i, S_{i,(\lfloor(1-r)N\rfloor)})\big),\ "
              r"S_i = e^{T\,\operatorname{mm}(A_i)^2} \odot \sum_j \tanh(Z_i \odot Z_j)",
     code_notes=(
-        "Exactly the PCB authors' vision code as copied by SCORE: magnitudes clamped at the 1 % / "
-        "99 % order statistics, intra-balancing exp(T mm^2), inter-balancing sum_j tanh(Z_i Z_j).",
-        "Default scope 'global': all statistics over the whole flattened task vector, zero "
-        "text-side entries included, so the weighted fraction per tensor differs from 5 %.",
-        "lambda = 1 for every task (the PCB authors search it by an evolutionary strategy).",
-        "0/0 in a min-max normalisation gives 0 here (NaN in the released code).",
+        CodeNote("balancing functions",
+                 paper="intra- and inter-balancing as the text describes them",
+                 released="the PCB authors' vision code (`pcb_ES.py`) as copied by SCORE: magnitudes clamped at "
+                          "the 1 % / 99 % order statistics, intra-balancing exp(T mm(A)²), inter-balancing "
+                          "Σ_j tanh(Z_i Z_j), and the sorted positions of the order statistics; these concrete "
+                          "choices are the code's"),
+        CodeNote("scope of the ratio",
+                 paper="5 % of each model's parameters (SCORE's paper)",
+                 released="every order statistic and min-max over the task's whole vector, all keys flattened "
+                          "together, zero text-side entries included, so the weighted fraction of the visual "
+                          "weights differs from the nominal 5 %",
+                 mergelib="`scope='global'` (default) or `scope='per_tensor'`"),
+        CodeNote("coefficients",
+                 paper="a per-task λ in [0.8, 1.3] searched by an evolutionary strategy (the PCB authors)",
+                 released="λ = 1 for every task (SCORE)"),
+        CodeNote("0 / 0 in a min-max normalisation",
+                 paper="not discussed",
+                 released="NaN, for a row whose clamped magnitudes or clamped scores are all equal (such as an "
+                          "all-zero task vector)",
+                 mergelib="the normalised value is 0"),
     ),
     checks=dict(ratio=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )

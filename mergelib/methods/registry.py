@@ -2,9 +2,10 @@
 
 A method is a pure function ``f(task_vectors, *, device, param=default, ...) -> merged task
 vector`` over a list of dicts (parameter name -> tensor). :func:`register` records it under a
-name with its paper, arXiv id, equation, defaults (read from the keyword-only parameters) and
-the places where it follows the released code rather than the paper's text, and one check per
-parameter (:mod:`mergelib.methods.common`'s ``Number``, ``Fraction``, ``Choice``, ``Flag``, ...).
+name with its paper, arXiv id, equation, defaults (read from the keyword-only parameters), the
+places where it follows the released code rather than the paper's text (one :class:`CodeNote`
+each: the one record of those differences, from which the book and ``mergelib methods`` render
+them), and one check per parameter (:mod:`mergelib.methods.common`'s ``Number``, ``Fraction``, ``Choice``, ``Flag``, ...).
 :func:`check_method_parameters` checks names and values without any task vectors;
 :func:`merge` calls it and :func:`validate_task_vectors` before any computation, so the method
 bodies hold no parameter checks of their own. A registered function called directly checks its
@@ -36,6 +37,54 @@ Check = Callable[[str, Any], None]
 
 
 @dataclass(frozen=True)
+class CodeNote:
+    """One place where a method's released code differs from its paper's text.
+
+    ``topic``: what it is about; ``paper``: what the text says; ``released``: what the released
+    code does, which mergelib follows by default; ``switch``: the parameters that give the paper's
+    version, written as in ``--param`` and ``score[...]`` (``"divide_by_tasks=False"``, several
+    separated by commas), or None when there is none; ``mergelib``: what mergelib does where that
+    is not simply the released behaviour (a deterministic choice, the paper's side, a fix), else "".
+    """
+
+    topic: str
+    paper: str
+    released: str
+    switch: str | None = None
+    mergelib: str = ""
+
+    def switch_parameters(self) -> dict[str, Any]:
+        """The ``switch`` as parameters (``{"divide_by_tasks": False}``; ``{}`` without a switch)."""
+        params: dict[str, Any] = {}
+        for pair in filter(None, (p.strip() for p in (self.switch or "").split(","))):
+            key, equals, value = pair.partition("=")
+            if not equals or not key.strip():
+                raise ValueError(f"code note {self.topic!r}: switch {self.switch!r} must be NAME=VALUE[, ...]")
+            params[key.strip()] = parse_parameter_value(value)
+        return params
+
+
+def check_code_notes(name: str, notes: Sequence[CodeNote]) -> None:
+    """Raise a ValueError unless every note of method ``name`` is a :class:`CodeNote` with a
+    non-empty ``topic``, ``paper`` and ``released``, and its ``switch`` (if any) names parameters
+    of the method with values :func:`check_method_parameters` accepts, other than the defaults."""
+    for note in notes:
+        if not isinstance(note, CodeNote):
+            raise ValueError(f"merge method {name!r}: code notes must be CodeNote(topic, paper, released, switch), "
+                             f"got {type(note).__name__}")
+        empty = [f for f in ("topic", "paper", "released") if not (isinstance(getattr(note, f), str) and getattr(note, f).strip())]
+        if empty or (note.switch is not None and not note.switch.strip()):
+            raise ValueError(f"merge method {name!r}: code note {note.topic!r} has empty {empty or ['switch']}")
+        switch = note.switch_parameters()
+        try:
+            check_method_parameters(name, switch)
+        except (ParameterError, ParameterValueError) as error:
+            raise ValueError(f"merge method {name!r}: the switch of code note {note.topic!r} is refused: {error}") from None
+        if switch and all(METHODS[name].defaults[key] == value for key, value in switch.items()):
+            raise ValueError(f"merge method {name!r}: the switch of code note {note.topic!r} gives the defaults")
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     function: Callable[..., StateDict]
@@ -43,7 +92,7 @@ class MergeMethod:
     arxiv: str | None
     equation: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    code_notes: tuple[str, ...] = ()  # where it follows the released code rather than the paper
+    code_notes: tuple[CodeNote, ...] = ()  # where it follows the released code rather than the paper
     checks: Mapping[str, Check] = field(default_factory=dict)  # one per parameter
     relation: Callable[[Mapping[str, Any]], None] | None = None  # checks between parameters
 
@@ -88,7 +137,7 @@ def register(
     paper: str,
     arxiv: str | None,
     equation: str,
-    code_notes: Sequence[str] = (),
+    code_notes: Sequence[CodeNote] = (),
     checks: Mapping[str, Check] | None = None,
     relation: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Callable:
@@ -100,6 +149,8 @@ def register(
     :class:`~mergelib.errors.ParameterValueError`); a parameter without one must have a bool,
     int, float or str default, whose type is then checked. ``relation(params)`` checks rules
     between parameters on the complete parameters (defaults filled in). The defaults must pass.
+    ``code_notes``: one :class:`CodeNote` per difference between the released code and the paper;
+    each switch must be accepted by :func:`check_method_parameters`.
     The returned function checks its parameters like :func:`merge` does, then calls ``function``.
     """
 
@@ -129,6 +180,11 @@ def register(
             relation(defaults)
         METHODS[name] = MergeMethod(
             name, function, paper, arxiv, equation, defaults, tuple(code_notes), complete, relation)
+        try:
+            check_code_notes(name, METHODS[name].code_notes)
+        except ValueError:
+            del METHODS[name]
+            raise
 
         @functools.wraps(function)
         def checked(task_vectors: Sequence[StateDict], *, device: torch.device | None = None, **params: Any):

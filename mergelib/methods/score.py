@@ -22,29 +22,8 @@ off-diagonal entry, the ablation as the paper describes it; equal to
 and ``"released_full"`` (what the released ``ours_v4`` computes: the diagonal plus a constant 1
 in every entry, a bug that explains the paper's "full matrix collapse" to about 7.6 %).
 
-Following the released code rather than the paper's text:
-
-* the threshold is ``z sigma / T`` (``divide_by_tasks=True``), as released for the six
-  natural-image benchmarks; ``divide_by_tasks=False`` gives ``z sigma``, the paper's text and the
-  released behaviour for FedISIC and RetinaDomains;
-* ``mu`` and ``sigma`` are taken over all r^2 entries of the diagonal-zeroed matrix (the r zeros
-  included; ``trim_statistics="released"``), not over the off-diagonal entries alone
-  (``"off_diagonal"``, the paper's text); the comparison is ``<=`` (paper: ``<``, immaterial);
-* the rank per task is ``int(r / T)`` with T the number of merged models (paper: 1/D, which
-  under leave-one-out is ``rank_fraction = T / (T + 1)``); ``rank_fraction`` scales it
-  (``k = max(1, int(rank_fraction r / T))``) and ``complete_basis=False`` keeps only the
-  ``T k`` concatenated directions instead of completing the basis to ``r`` (both ours, for the
-  sensitivity study);
-* trimmed matrices are *summed* over tasks; non-matrix tensors are *averaged*;
-* the merged vector is applied with coefficient 1 (the paper's epsilon = 1).
-
-Two choices of ours make SCORE a function of its inputs on every machine. The trimming
-statistics depend on the signs of the per-task singular vectors, which differ between
-linear-algebra libraries; the singular vectors here follow the deterministic sign rule of
-:func:`mergelib.methods.common.svd`. When T does not divide r, the released code pads the
-concatenation with ``r - T k`` zero columns and the SVD routine completes the polar factor with
-arbitrary orthonormal directions, which enter ``M_t``; here they are chosen by
-:func:`mergelib.methods.common.orthonormal_completion`.
+Where this follows the released code rather than the paper: see
+``METHODS['score'].code_notes`` and the book's Paper versus released code page.
 """
 
 from __future__ import annotations
@@ -68,7 +47,7 @@ from .common import (
     shared_basis,
 )
 from .factors import projection, shared_basis_of
-from .registry import register
+from .registry import CodeNote, register
 
 KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
 TRIM_STATISTICS = ("released", "off_diagonal")
@@ -166,14 +145,63 @@ def score_from_basis(
     equation=r"\tau = U^\ast \Big(\sum_{t=1}^{T} \operatorname{trim}\big(U^{\ast\top}\Delta_t V^\ast\big)\Big)"
              r" V^{\ast\top}",
     code_notes=(
-        "Trim threshold z sigma / T (`divide_by_tasks=True`) as released for the natural-image "
-        "benchmarks; the paper's text and the released FedISIC/RetinaDomains runs use z sigma.",
-        "Mean and unbiased std over all r^2 entries of the diagonal-zeroed projected matrix; "
-        "entries within the threshold (<=) are kept.",
-        "Rank per task int(r / T), T the number of merged models (paper: 1/D).",
-        "Trimmed matrices are summed over tasks; non-matrix tensors are averaged.",
-        "`keep='off_diagonal'` keeps the trimmed off-diagonal (released `ours_v3`); "
-        "`keep='released_full'` reproduces the `ours_v4` bug (diagonal plus 1 everywhere).",
+        CodeNote("trimming threshold",
+                 paper="keep an off-diagonal entry when |x − μ| < zσ, z = 1.96 (notes)",
+                 released="zσ/T on PACS, DomainNet, ImageNet-R, OfficeHome, NICO++ and TerraIncognita, zσ on "
+                          "FedISIC and RetinaDomains, chosen by the dataset's name",
+                 switch="divide_by_tasks=False",
+                 mergelib="`divide_by_tasks=True` by default (the released natural-image setting); `z` sets z"),
+        CodeNote("statistics of the trim",
+                 paper="the mean and spread of the off-diagonal entries",
+                 released="mean and unbiased std over all r² entries of the r × r matrix with its diagonal zeroed "
+                          "(its r zeros included)",
+                 switch="trim_statistics='off_diagonal'"),
+        CodeNote("comparison", paper="strict <", released="≤",
+                 mergelib="≤ (immaterial for continuous values)"),
+        CodeNote("rank per expert",
+                 paper="the top 1/D of each expert's directions",
+                 released="int(r / T), T = D − 1 the number of merged models under leave-one-out; the r − T k "
+                          "leftover columns are zero-padded",
+                 switch="rank_fraction=0.75",
+                 mergelib="`rank_fraction` (ours, for the sensitivity study) scales it, k = max(1, int(rank_fraction r / T)); "
+                          "`rank_fraction = T / (T + 1)` gives the paper's 1/D (0.75 for T = 3)"),
+        CodeNote("the padded columns",
+                 paper="not discussed",
+                 released="the SVD routine completes the polar factor with arbitrary orthonormal directions, which "
+                          "enter M_t and so the result",
+                 mergelib="completed deterministically by column-pivoted Gram–Schmidt over the standard basis "
+                          "(`orthonormal_completion`), so the result is a function of the inputs; "
+                          "`complete_basis=False` (ours) keeps only the T k concatenated directions"),
+        CodeNote("orientation",
+                 paper="U*ᵀ Δ V* and U* Σ V*ᵀ",
+                 released="the right factor stored as rows (V*ᵀ)",
+                 mergelib="the same mathematics"),
+        CodeNote("non-matrix parameters",
+                 paper="not described",
+                 released="averaged (mean) while the trimmed matrices are summed over tasks in the shared basis; "
+                          "`text_projection` averaged; `visual.proj` and the positional embedding take the "
+                          "matrix path",
+                 mergelib="as released (the matrix rule)"),
+        CodeNote("the \"full matrix\" ablation",
+                 paper="the diagonal plus every off-diagonal entry",
+                 released="`ours_v4` adds the boolean flag (1) to every entry, diag(M_t) + 1 1ᵀ: a bug that "
+                          "explains the paper's \"full matrix collapse\" to about 7.6 %",
+                 switch="keep='full'",
+                 mergelib="`keep='released_full'` computes the released version; `keep='full'` equals "
+                          "U* U*ᵀ (Σ_t Δ_t) V* V*ᵀ, i.e. task arithmetic where the shared basis is square"),
+        CodeNote("the \"off-diagonal\" ablation",
+                 paper="the off-diagonal entries",
+                 released="`ours_v3` keeps the *trimmed* off-diagonal (its log message says \"no prune\")",
+                 mergelib="`keep='off_diagonal'` (released)"),
+        CodeNote("signs of singular vectors",
+                 paper="not discussed",
+                 released="whatever the linear-algebra library returns; the trimming statistics depend on them",
+                 mergelib="deterministic: each left singular vector's largest-magnitude entry positive "
+                          "(`methods.common.svd`); the performance chapter measures the effect"),
+        CodeNote("merge coefficient",
+                 paper="ε = 1, fixed",
+                 released="1.0 in the final script; a deleted script swept 0.1–1.5",
+                 mergelib="the protocol's global coefficient λ, 1 by default"),
     ),
     checks=dict(keep=Choice(KEEP_CHOICES), z=Number(minimum=0, strict=True), divide_by_tasks=Flag(),
                 trim_statistics=Choice(TRIM_STATISTICS), rank_fraction=Fraction(zero_ok=False, one_ok=True),

@@ -4,10 +4,12 @@
   ("model soups", Wortsman et al., arXiv 2203.05482): ``tau = (1/T) sum_t tau_t``.
 * ``task_arithmetic``: the sum of the task vectors (Ilharco et al., arXiv 2212.04089):
   ``tau = sum_t tau_t``; the model is ``theta_0 + lambda * tau``, with ``lambda`` the global
-  coefficient given at application time. SCORE's released code calls this method ``avg`` but
-  computes this sum, and applies it with coefficient 1.0.
+  coefficient given at application time.
 
 Both treat every tensor alike (no matrix/non-matrix distinction).
+
+Where this follows the released code rather than the paper: see
+``METHODS['task_arithmetic'].code_notes`` and the book's Paper versus released code page.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .common import StateDict, merge_per_key
-from .registry import register
+from .registry import CodeNote, register
 
 
 @register(
@@ -37,8 +39,12 @@ def weight_average(task_vectors: Sequence[StateDict], *, device: torch.device | 
     paper="Editing models with task arithmetic (Ilharco et al., ICLR 2023)",
     arxiv="2212.04089",
     equation=r"\tau = \sum_{t=1}^{T}\tau_t",
-    code_notes=("SCORE's released code names this method `avg` although it computes the sum, "
-                "applied with coefficient 1.0.",),
+    code_notes=(
+        CodeNote("SCORE's \"avg\" baseline",
+                 paper="\"avg\" in SCORE's tables (weight averaging, by its name)",
+                 released="the sum of the task vectors, applied with coefficient 1.0: task arithmetic at λ = 1",
+                 mergelib="`task_arithmetic` (the sum) and `weight_average` (the mean) are separate methods"),
+    ),
 )
 def task_arithmetic(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
     """Sum the task vectors; the global coefficient lambda is applied with the merged vector."""

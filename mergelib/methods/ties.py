@@ -23,15 +23,8 @@ each task keeps; ``scope`` says over what the threshold ``q_t`` is taken:
 * ``"per_tensor"``: the same rule within each tensor (MergeKit's granularity); the majority sign
   below is then also taken per tensor.
 
-Following the released code rather than the paper's text:
-
-* the comparison ``>=`` with ``k = N - int(density * N)`` keeps ``int(density * N) + 1`` entries
-  (plus any ties at the threshold), one more than the nominal count; ``density = 1`` keeps
-  everything (the released code would call ``kthvalue(0)`` and fail);
-* a coordinate whose trimmed values sum to exactly 0 takes the majority sign, the sign of the sum
-  of all elected signs (over all coordinates for ``"global"``); if that is 0 too, it keeps the
-  negative entries, as the released selection rule does. The majority is counted exactly here
-  (integers), where the released code sums the signs in float32.
+Where this follows the released code rather than the paper: see
+``METHODS['ties'].code_notes`` and the book's Paper versus released code page.
 
 The election itself is the paper's (Algorithm 1): the sign of the total mass of the trimmed values,
 with no per-model weights in it (MergeKit multiplies by its model weights first, issue #474).
@@ -47,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
-from .registry import register
+from .registry import CodeNote, register
 
 SCOPES = ("global", "per_tensor")
 
@@ -160,14 +153,27 @@ def ties_merge(task_vectors: Sequence[StateDict], *, device: torch.device | None
              r"s = \operatorname{sign}\textstyle\sum_t \tilde\tau_t,\ "
              r"\tilde\tau_t = \tau_t \odot [|\tau_t| \ge q_t]",
     code_notes=(
-        "Default scope 'global': one magnitude threshold per task over all parameters flattened "
-        "together (zero text-side entries included), so the kept fraction per tensor differs from "
-        "the nominal density.",
-        "Keeps entries with |value| >= the k-th smallest, k = N - int(density N): int(density N) + 1 "
-        "entries, one more than nominal.",
-        "Coordinates whose trimmed values sum to 0 take the majority of all elected signs (the "
-        "negative entries if that is 0 too).",
-        "Density 0.2 ('topk 20') and coefficient 1.0 as in SCORE's released settings.",
+        CodeNote("scope of the density",
+                 paper="the top 20 % of each model's parameters (SCORE's paper; TIES: of each task vector)",
+                 released="one magnitude threshold per task over all keys flattened together (in sorted key "
+                          "order), CLIP's all-zero text-side parameters included, so the kept fraction differs "
+                          "from tensor to tensor and from the nominal density",
+                 mergelib="`scope='global'` (default) or `scope='per_tensor'` (MergeKit's granularity, the "
+                          "majority sign then per tensor too)"),
+        CodeNote("how many entries are kept",
+                 paper="the top density fraction",
+                 released="|value| ≥ the k-th smallest, k = N − int(density N): int(density N) + 1 entries (plus "
+                          "ties at the threshold), one more than nominal; density = 1 calls kthvalue(0) and fails",
+                 mergelib="as released; density = 1 keeps everything"),
+        CodeNote("coordinates whose trimmed values sum to 0",
+                 paper="the sign of the total mass (Algorithm 1)",
+                 released="the majority sign, the sign of the sum of all elected signs (over all coordinates for "
+                          "the global scope); if that is 0 too, the negative entries are kept; the signs are "
+                          "summed in float32",
+                 mergelib="as released, with the majority counted exactly (integers)"),
+        CodeNote("settings",
+                 paper="the TIES paper: the top 20 % kept, λ chosen on validation data",
+                 released="density 0.2 (\"topk 20\") and coefficient 1.0, SCORE's released settings"),
     ),
     checks=dict(density=Fraction(zero_ok=False, one_ok=True), scope=Choice(SCOPES)),
 )

@@ -8,12 +8,8 @@ concatenations ``[U_1 .. U_T]`` and ``[V_1 .. V_T]`` are orthogonalised by their
 
     tau = polar([U_1 .. U_T]) diag(s_1 .. s_T) polar([V_1 .. V_T])^T.
 
-Following the released code rather than the text:
-
-* the rank is ``int(r / T)`` and the concatenation is zero-padded to ``r`` slots (the padded slots
-  carry a zero singular value, so they contribute nothing to the result);
-* non-matrix tensors and ``text_projection`` are averaged (mean), not summed;
-* the global coefficient is applied with the merged vector (the paper reports alpha = 1).
+Where this follows the released code rather than the paper: see
+``METHODS['tsv_m'].code_notes`` and the book's Paper versus released code page.
 
 Singular vectors use the deterministic sign rule of :func:`mergelib.methods.common.svd`; TSV-M's
 output does not depend on it (each vector appears with its own singular value and partner).
@@ -34,7 +30,7 @@ from .common import (
     rank_per_task,
 )
 from .factors import concatenation_polars
-from .registry import register
+from .registry import CodeNote, register
 
 
 def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
@@ -59,8 +55,18 @@ def tsv_merge_key(key: str, stack: torch.Tensor) -> torch.Tensor:
     equation=r"\tau = \operatorname{polar}(\hat U)\,\operatorname{diag}(\hat\sigma)\,"
              r"\operatorname{polar}(\hat V)^\top,\ \hat U = [U_1^{(k)} \cdots U_T^{(k)}],\ k = \lfloor r/T \rfloor",
     code_notes=(
-        "Rank per task int(r / T) with the concatenation zero-padded to r slots.",
-        "Non-matrix tensors and `text_projection` are averaged over tasks.",
+        CodeNote("rank per task",
+                 paper="the top 1/T of each task's singular directions",
+                 released="k = int(r / T), the concatenation zero-padded to r slots (the padded slots carry a "
+                          "zero singular value, so they contribute nothing to the result)"),
+        CodeNote("non-matrix parameters",
+                 paper="not described",
+                 released="non-matrix tensors and `text_projection` averaged over tasks (mean), not summed"),
+        CodeNote("merge coefficient",
+                 paper="α tuned on validation data (the paper reports α = 1)",
+                 released="the global coefficient applied with the merged vector",
+                 mergelib="the protocol's global coefficient λ; SCORE's domain-generalisation protocol applies "
+                          "every method at λ = 1"),
     ),
 )
 def tsv_m(task_vectors: Sequence[StateDict], *, device: torch.device | None = None) -> StateDict:
