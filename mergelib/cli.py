@@ -170,6 +170,9 @@ def _methods(args: argparse.Namespace) -> int:
         print(f"{method.name:18s} {arxiv:16s} {defaults}\n{'':18s} {method.summary}")
         for key, valid in method.valid_values().items():
             print(f"{'':18s}   {key}: {valid}")
+        for note in method.code_notes:  # where it follows the released code rather than the paper
+            paper = f" (the paper's version: {note.switch})" if note.switch else ""
+            print(f"{'':18s}   released code, not the paper: {note.topic}{paper}")
     return 0
 
 
