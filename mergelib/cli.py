@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--alpha", type=float, default=1.0, help="global coefficient (default 1.0, as in SCORE)")
     merge.add_argument("--prefix", default="", help="merge only tensors whose name starts with this (e.g. visual.)")
     merge.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUTPUT even if mergelib did not write it (never an input)")
     merge.set_defaults(run=_merge)
     dg = commands.add_parser("replicate-dg", help="SCORE's leave-one-domain-out benchmark on real backbones and datasets")
     dg.add_argument("--backbone", required=True, help="ViT-B-32, ViT-B-16, ViT-L-14 (or tiny-clip with --weights)")
@@ -222,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(or, with --finetune, fine-tuned) experts")
     mt.add_argument("--backbone", required=True)
     mt.add_argument("--tasks", nargs="+", required=True, help="8, 14 or 20, or task names")
-    merge.add_argument("--overwrite", action="store_true",
-                       help="replace OUTPUT even if mergelib did not write it (never an input)")
     mt.add_argument("--data-root", required=True, type=Path, help="folder holding the torchvision datasets")
     mt.add_argument("--experts-dir", required=True, type=Path, help="where `mergelib import` wrote {backbone}/{task}.safetensors")
     mt.add_argument("--results-dir", type=Path, default=Path("results/replication"))
@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--trust-pickle", action="store_true",
                      help="allow unpickling whole pickled modules (only for files you trust: pickle runs code)")
     imp.add_argument("--fill-from", type=Path, default=None, help="pretrained state for keys the file lacks (HF visual.proj)")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace destination files mergelib did not write (never the source)")
     imp.set_defaults(run=_import)
     args = parser.parse_args(argv)
     try:
@@ -293,5 +295,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    imp.add_argument("--overwrite", action="store_true",
-                     help="replace destination files mergelib did not write (never the source)")
