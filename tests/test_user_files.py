@@ -119,12 +119,18 @@ def test_a_foreign_output_needs_overwrite_and_mergelibs_own_is_replaced(files, c
     assert read_manifest(mine)["experts"][0]["file"] == str(files / "e0.safetensors")
 
 
-def test_import_refuses_a_foreign_destination_without_overwrite(files, capsys):
-    destination = files / "dst.safetensors"
+def test_import_refuses_a_foreign_destination_without_overwrite(tmp_path, capsys):
+    from mergelib.importers import expected_visual_shapes
+
+    source = tmp_path / "finetuned.pt"
+    torch.save({k: torch.zeros(s) for k, s in expected_visual_shapes("tiny-clip").items()}, source)
+    destination = tmp_path / "dst.safetensors"
     destination.write_text("someone's file")
-    assert main(["import", str(files / "e0.safetensors"), str(destination), "--backbone", "tiny-clip"]) == 2
+    assert main(["import", str(source), str(destination), "--backbone", "tiny-clip"]) == 2
     assert "was not written by mergelib" in capsys.readouterr().err
     assert destination.read_text() == "someone's file"
+    assert main(["import", str(source), str(destination), "--backbone", "tiny-clip", "--overwrite"]) == 0
+    assert read_manifest(destination)["kind"] == "imported_checkpoint"
 
 
 @pytest.mark.parametrize("layout", ["empty", "model folder without tasks"])
