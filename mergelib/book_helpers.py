@@ -31,6 +31,12 @@ def results_location(results_dir: str | Path = "", *, standin: bool) -> Path:
     return REPO_ROOT / "results" / ("standin" if standin else "replication")
 
 
+def benchmark_location(benchmark_dir: str | Path = "") -> Path:
+    """Where the benchmark scripts wrote their JSON files: ``benchmark_dir`` when given, else the
+    repository's ``results/benchmarks``."""
+    return Path(benchmark_dir) if benchmark_dir else REPO_ROOT / "results" / "benchmarks"
+
+
 def backbone_weights(backbone: str, weights: str | Path, cache_dir: str | Path | None = None) -> str | Path:
     """The ``weights`` argument of the replication functions for a chapter's ``weights`` parameter.
 

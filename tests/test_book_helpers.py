@@ -15,6 +15,7 @@ def test_results_location():
     assert bh.results_location("", standin=True) == REPO_ROOT / "results" / "standin"
     assert bh.results_location("", standin=False) == REPO_ROOT / "results" / "replication"
     assert bh.results_location("elsewhere", standin=True) == Path("elsewhere")
+    assert bh.benchmark_location("") == BENCHMARKS and bh.benchmark_location("x") == Path("x")
 
 
 def test_random_weights_are_one_seeded_init(tmp_path):
