@@ -11,7 +11,7 @@ export MERGELIB_CACHE ?= $(CURDIR)/.cache/mergelib
 export PYTHONUNBUFFERED := 1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: book test lab setup data notebooks recipe-study clean
+.PHONY: book test lab setup data notebooks recipe-study seeds-study clean
 
 # Reuses every chapter whose execution key (source, parameters, mergelib's code, stored inputs) is
 # unchanged; `$(BIN)/mergelib book --force` executes them all again.
@@ -53,6 +53,11 @@ notebooks: setup data
 # Slow (about 20 minutes from empty caches): the recipe variants compared in the first chapter.
 recipe-study: setup data
 	$(BIN)/mergelib recipe-study
+
+# Slow (about 40 minutes from empty caches on 2 cores): the miniature rerun with 3 fine-tuning seeds
+# and 2 pretraining seeds, read by the chapters for the spread across seeds.
+seeds-study: setup data
+	$(BIN)/mergelib seeds-study
 
 # Also clears the notebooks' execution keys (book/_generated/.cache); the caches of .cache/mergelib stay.
 clean:

@@ -47,6 +47,14 @@ def _recipe_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds_study(args: argparse.Namespace) -> int:
+    from .seeds_study import SEEDS_STUDY_DIR, run_seeds_study
+
+    run_seeds_study()
+    print(f"[mergelib] seeds study written to {SEEDS_STUDY_DIR}", flush=True)
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .merge_files import merge_checkpoint_files, parse_parameters
 
@@ -192,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     lab.add_argument("--token", default=None, help="the access token (default: a random one, printed in the link)")
     lab.set_defaults(run=_lab)
     commands.add_parser("recipe-study", help="rerun the miniature recipe study (results/studies/miniature_recipe)").set_defaults(run=_recipe_study)
+    commands.add_parser("seeds-study", help="rerun the miniature with other fine-tuning and pretraining seeds "
+                                            "(results/studies/miniature_seeds)").set_defaults(run=_seeds_study)
     commands.add_parser("methods", help="list the registered merging methods").set_defaults(run=_methods)
     merge = commands.add_parser("merge", help="merge expert checkpoints (safetensors) into a pretrained one")
     merge.add_argument("--method", required=True, help="a registered method (see `mergelib methods`)")
