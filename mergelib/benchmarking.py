@@ -39,16 +39,9 @@ CPU_MEMORY_NOTE = "not measured on the CPU (torch.cuda.max_memory_allocated exis
 
 
 def resolve_benchmark_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None``: CUDA when available, else the CPU; a clear error for CUDA without CUDA."""
-    try:
-        resolved = resolve_device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ParameterValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto ({error})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterValueError(
-            f"device {device!r} was asked for, but CUDA is not available on this machine (torch {torch.__version__}, "
-            f"built with CUDA {torch.version.cuda or 'none'}); use --device cpu"
-        )
+    """``"auto"``/``None``: CUDA when available, else the CPU; :func:`resolve_device` refuses unknown
+    and unavailable devices; the benchmark runs on the CPU or CUDA only."""
+    resolved = resolve_device(device)
     if resolved.type not in ("cpu", "cuda"):
         raise ParameterValueError(f"device {device!r}: only cpu and cuda are supported")
     return resolved

@@ -524,6 +524,18 @@ def expect_shapes(expected: Mapping[str, tuple[int, ...]], what: str = "the arch
     return check
 
 
+def _unreadable_regular_file(path: Path) -> bool:
+    """A regular file that is no readable safetensors file (truncated, emptied, overwritten): at
+    a cache path, what an interrupted copy or a damaged disk leaves of an entry, not a user's file."""
+    if not path.is_file():
+        return False
+    try:
+        read_header(path)
+    except CorruptCheckpointError:
+        return True
+    return False
+
+
 def cached_state(
     path: Path,
     key: str,
@@ -536,8 +548,9 @@ def cached_state(
     ``build()`` returns ``(state, manifest fields)``. ``check(state)``, when given, raises
     :class:`CorruptCheckpointError` for a cached state that cannot be used although its hash
     matches (e.g. :func:`expect_shapes`: tensors that do not fit the architecture). A corrupt or
-    stale file is reported on stderr and rebuilt; a file mergelib did not write is never
-    replaced (:class:`OutputRefusedError`, before anything is built).
+    stale file is reported on stderr and rebuilt, as is a file at the cache path that is no
+    readable safetensors file at all (a damaged entry); a readable checkpoint that mergelib did
+    not write is never replaced (:class:`OutputRefusedError`, before anything is built).
     """
     path = Path(path)
     if os.path.lexists(path):
@@ -550,10 +563,14 @@ def cached_state(
                     raise CorruptCheckpointError(f"checkpoint {path}: {error}") from None
             return state, manifest
         except CorruptCheckpointError as error:
-            check_replaceable(path)
+            damaged = _unreadable_regular_file(path)  # a damaged cache entry is rebuilt; another's checkpoint never
+            if not damaged:
+                check_replaceable(path)
             print(f"[mergelib] {error}; rebuilding it", file=sys.stderr, flush=True)
+    else:
+        damaged = False
     state, fields = build()
-    manifest = save_state(path, state, {**fields, "key": key})
+    manifest = save_state(path, state, {**fields, "key": key}, overwrite=damaged)
     return state, manifest
 
 

@@ -109,7 +109,7 @@ def test_builds_the_backbone_itself_and_trains_in_bf16(counting):
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"warmup": -1}, "warmup must be an integer >= 0"),
-    ({"device": "tpu-ish"}, "unknown device 'tpu-ish'"),
+    ({"device": "tpu-ish"}, "device 'tpu-ish' is not a device name; valid on this machine"),
 ])
 def test_bad_arguments_fail_early_with_a_clear_message(kwargs, message, monkeypatch):
     monkeypatch.setattr(benchmarking, "create_clip", lambda *a, **k: pytest.fail("built a model before checking"))
@@ -120,7 +120,7 @@ def test_bad_arguments_fail_early_with_a_clear_message(kwargs, message, monkeypa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
 def test_cuda_without_cuda_is_a_clear_error():
-    with pytest.raises(ParameterValueError, match="CUDA is not available on this machine"):
+    with pytest.raises(ParameterValueError, match="device 'cuda' is not available on this machine; valid here: auto, cpu"):
         finetune_throughput("tiny-clip", device="cuda")
 
 

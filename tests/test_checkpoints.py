@@ -113,6 +113,17 @@ def test_the_cache_never_replaces_a_file_mergelib_did_not_write(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_damaged_cache_entry_is_rebuilt_with_a_notice(tmp_path, capsys):
+    path = tmp_path / "expert.safetensors"
+    cached_state(path, "key-1", _builder([]))
+    path.write_bytes(path.read_bytes()[:100])  # cut inside its header: no longer readable as safetensors
+    calls = []
+    state, manifest = cached_state(path, "key-1", _builder(calls, value=3.0))
+    assert calls and torch.equal(state["w"], torch.full((4, 4), 3.0))
+    assert load_state(path, key="key-1")[1]["data_sha256"] == manifest["data_sha256"]
+    assert "rebuilding it" in capsys.readouterr().err
+
+
 def test_an_older_cache_entry_with_a_sidecar_manifest_is_rebuilt_and_its_manifest_removed(tmp_path, capsys):
     path = tmp_path / "expert.safetensors"
     save_file({"w": torch.ones(4, 4)}, path)
