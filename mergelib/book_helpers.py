@@ -41,8 +41,8 @@ def backbone_weights(backbone: str, weights: str | Path, cache_dir: str | Path |
     """The ``weights`` argument of the replication functions for a chapter's ``weights`` parameter.
 
     ``"published"`` on ``tiny-clip``: the miniature's pretrained weights
-    (:func:`mergelib.replication.miniature_weights`). ``"random"``: one untrained initialisation
-    of the backbone's architecture, seeded with :data:`RANDOM_INIT_SEED` and saved as
+    (``mergelib.replication.miniature_weights``). ``"random"``: one untrained initialisation
+    of the backbone's architecture, seeded with ``RANDOM_INIT_SEED`` and saved as
     ``<cache_dir>/<backbone>-random-init.safetensors`` (default cache: the repository's
     ``.cache/replication``), so that fine-tuning and merging, in one run or the next, start from
     the same weights. Anything else (``"published"`` on a real backbone, a file) is returned as is.
@@ -211,7 +211,7 @@ SYNTHETIC_KEY = "visual.transformer.resblocks.0.mlp.c_fc.weight"
 
 
 def synthetic_task_layers(shape: Sequence[int], tasks: int, *, seed: int = 0, rank: int = 8) -> list[dict[str, Any]]:
-    """``tasks`` float64 task vectors of one layer (key :data:`SYNTHETIC_KEY`) of the given
+    """``tasks`` float64 task vectors of one layer (key ``SYNTHETIC_KEY``) of the given
     shape: a low rank shared by all tasks, plus each task's own low rank, plus noise, at a
     fine-tuning update's scale (about 1e-3)."""
     import torch

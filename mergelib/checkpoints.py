@@ -50,7 +50,7 @@ from .errors import CorruptCheckpointError, OutputRefusedError, TensorError
 if TYPE_CHECKING:
     import pandas as pd
 
-#: Version of the provenance record written into the safetensors header (1: a ``.json`` beside).
+#: Version of the provenance record written into the safetensors header (version 1 wrote a ``.json`` beside).
 MANIFEST_VERSION = 2
 #: The key of ``__metadata__`` in the safetensors header that holds mergelib's provenance (JSON).
 METADATA_KEY = "mergelib"
@@ -200,7 +200,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Raise :class:`OutputRefusedError` unless ``path`` can be written, before any work is done.
+    """Raise :class:`~mergelib.errors.OutputRefusedError` unless ``path`` can be written, before any work is done.
 
     Creates (and removes at once) a temporary file in ``path``'s folder, the way
     :func:`atomic_write` will, or, when that folder does not exist yet, in its nearest existing
@@ -281,7 +281,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and where its data section starts (8 + header length).
 
     Reads only the header; checks that the tensors' declared extents fill the file exactly. Raises
-    :class:`CorruptCheckpointError` naming the file when it is not a readable safetensors file.
+    :class:`~mergelib.errors.CorruptCheckpointError` naming the file when it is not a readable safetensors file.
     """
     path = Path(path)
     header, length, size = _raw_header(path)
@@ -331,7 +331,7 @@ def _legacy_manifest(path: Path) -> Path | None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The provenance mergelib wrote into a checkpoint's header (no tensor is read, nothing hashed).
 
-    Raises :class:`CorruptCheckpointError` when the file is unreadable or carries no mergelib
+    Raises :class:`~mergelib.errors.CorruptCheckpointError` when the file is unreadable or carries no mergelib
     provenance (written by another program, or by an older mergelib with a ``.json`` beside it).
     """
     path = Path(path)
@@ -370,7 +370,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_not_an_input(output: Path, inputs: Iterable[Path], *, what: str = "output") -> None:
-    """Raise :class:`OutputRefusedError` if ``output`` is one of ``inputs`` (compared as files)."""
+    """Raise :class:`~mergelib.errors.OutputRefusedError` if ``output`` is one of ``inputs`` (compared as files)."""
     for source in inputs:
         if same_file(output, source):
             raise OutputRefusedError(
@@ -379,7 +379,7 @@ def check_not_an_input(output: Path, inputs: Iterable[Path], *, what: str = "out
 
 
 def check_replaceable(path: Path, *, overwrite: bool = False) -> None:
-    """Raise :class:`OutputRefusedError` unless writing ``path`` replaces nothing the user owns.
+    """Raise :class:`~mergelib.errors.OutputRefusedError` unless writing ``path`` replaces nothing the user owns.
 
     A missing path or a checkpoint mergelib wrote may be replaced; any other file only with
     ``overwrite=True``; a directory or a special file never.
@@ -467,7 +467,7 @@ def save_state(
 def verify_checkpoint(path: Path, *, key: str | None = None) -> dict[str, Any]:
     """The manifest of a checkpoint after checking it (no tensors are loaded).
 
-    Raises :class:`CorruptCheckpointError` when the file is unreadable, carries no mergelib
+    Raises :class:`~mergelib.errors.CorruptCheckpointError` when the file is unreadable, carries no mergelib
     provenance, was made for another configuration than ``key``, or its tensor data do not hash
     to the recorded ``data_sha256`` (truncated or modified). The manifest returned has ``sha256``,
     the whole file's SHA-256.
@@ -511,7 +511,7 @@ def shape_problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, tup
 
 
 def expect_shapes(expected: Mapping[str, tuple[int, ...]], what: str = "the architecture") -> Callable[[Mapping[str, torch.Tensor]], None]:
-    """A ``check`` for :func:`cached_state`: :class:`CorruptCheckpointError` unless the state has
+    """A ``check`` for :func:`cached_state`: :class:`~mergelib.errors.CorruptCheckpointError` unless the state has
     exactly the keys and shapes of ``expected``."""
     expected = {k: tuple(v) for k, v in expected.items()}
 
@@ -546,11 +546,11 @@ def cached_state(
     """Return the checkpoint at ``path`` if valid for ``key``; otherwise build, save and return it.
 
     ``build()`` returns ``(state, manifest fields)``. ``check(state)``, when given, raises
-    :class:`CorruptCheckpointError` for a cached state that cannot be used although its hash
+    :class:`~mergelib.errors.CorruptCheckpointError` for a cached state that cannot be used although its hash
     matches (e.g. :func:`expect_shapes`: tensors that do not fit the architecture). A corrupt or
     stale file is reported on stderr and rebuilt, as is a file at the cache path that is no
     readable safetensors file at all (a damaged entry); a readable checkpoint that mergelib did
-    not write is never replaced (:class:`OutputRefusedError`, before anything is built).
+    not write is never replaced (:class:`~mergelib.errors.OutputRefusedError`, before anything is built).
     """
     path = Path(path)
     if os.path.lexists(path):

@@ -69,7 +69,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def check_precision_name(precision: str) -> str:
-    """``precision`` if it is one of :data:`PRECISIONS`, else a clear error."""
+    """``precision`` if it is one of ``PRECISIONS``, else a clear error."""
     from .errors import ParameterValueError
 
     if precision not in PRECISIONS:

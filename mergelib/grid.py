@@ -3,7 +3,7 @@
 The papers' protocols merge the same experts many times: SCORE's leave-one-domain-out merges,
 for each of D held-out domains, the other D - 1 experts with every method and ablation variant;
 the multi-task protocol merges the same T experts with every method. :func:`merge_grid` runs
-such a grid of (fold, method) merges through :func:`mergelib.merge` itself, inside one
+such a grid of (fold, method) merges through :func:`mergelib.methods.registry.merge` itself, inside one
 :class:`mergelib.methods.factors.FactorCache`, so that
 
 * each expert's truncated singular triplets are computed once per matrix and rank and reused in
@@ -119,14 +119,14 @@ def merge_grid(
         methods: method specs, ``"score"``, ``"score[keep=diagonal]"``, ``"tsv_m"``,
             ``"esm[decomposition=svd]"`` or :class:`~mergelib.methods.registry.MethodSpec`; each
             at most once.
-        device: the compute device, as for :func:`mergelib.merge`.
+        device: the compute device, as for :func:`mergelib.methods.registry.merge`.
         fold_parameters: more parameters of a merge that depend on the fold (ESM's activation
             subspaces of the fold's experts), a function of the fold's names, keyed by spec label
             or by method name (the label wins).
 
     Yields ``(fold, method, merged)`` with ``fold`` and ``method`` as given; ``merged`` is what
     ``mergelib.merge(method, [task_vectors[n] for n in fold], **params)`` returns, bitwise on the
-    CPU. Folds come in the order given; within a fold, the methods in :func:`grid_order`.
+    CPU. Folds come in the order given; within a fold, the methods in ``grid_order``.
     Bad inputs raise here, before anything is decomposed.
     """
     if not isinstance(task_vectors, Mapping):

@@ -741,7 +741,7 @@ def is_imported(destination: str | Path, source: str | Path, backbone: str) -> b
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest in a checkpoint's header (no weights are read, nothing is hashed): see
-    :func:`mergelib.checkpoints.read_manifest`. :class:`CorruptCheckpointError` names the file
+    :func:`mergelib.checkpoints.read_manifest`. :class:`~mergelib.errors.CorruptCheckpointError` names the file
     when it is unreadable or carries no mergelib provenance (an import of an older mergelib
     version, with a ``.json`` beside it, is reported as such: import it again)."""
     return read_manifest(Path(path))

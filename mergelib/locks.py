@@ -10,8 +10,8 @@ A lock whose owner is gone is *stale* and is taken over, with a notice on stderr
 tell that an owner is gone when it ran on this host: its pid no longer exists, is a zombie, or
 belongs to a later process (another start time, or another boot). A process on another host
 (a cluster node sharing the folder) cannot be checked, so every holder refreshes its lock file's
-time every :data:`HEARTBEAT_SECONDS` from a thread: another host's lock counts as held until it
-has gone :data:`FOREIGN_STALE_SECONDS` without a refresh (its owner killed, or its node gone),
+time every ``HEARTBEAT_SECONDS`` from a thread: another host's lock counts as held until it
+has gone ``FOREIGN_STALE_SECONDS`` without a refresh (its owner killed, or its node gone),
 and the messages say how to remove it sooner. A lock is released when its ``with`` block ends,
 normally or by an exception; a killed owner leaves a stale lock, which the next run takes over.
 
@@ -127,7 +127,7 @@ class LockOwner:
 
     def alive(self, refreshed: float | None = None) -> bool | None:
         """True or False for an owner on this host. For one on another host: False when its lock
-        was last refreshed (``refreshed`` seconds ago) longer than :data:`FOREIGN_STALE_SECONDS`
+        was last refreshed (``refreshed`` seconds ago) longer than ``FOREIGN_STALE_SECONDS``
         ago, else None (cannot tell: its lock counts as held)."""
         if self.host != socket.gethostname():
             return False if refreshed is not None and refreshed > FOREIGN_STALE_SECONDS else None
@@ -182,7 +182,7 @@ class OwnerLock:
 
     ``with OwnerLock(path, "a sweep"):`` takes it or raises :class:`LockHeldError` at once;
     ``with OwnerLock(...).acquire(wait=seconds):`` waits up to ``seconds`` for another live owner to release it (with a
-    notice when it starts waiting and every :data:`NOTICE_SECONDS`). A stale lock is taken over
+    notice when it starts waiting and every ``NOTICE_SECONDS``). A stale lock is taken over
     with a notice. ``hint`` ends the messages: what to do when the lock is held.
     """
 

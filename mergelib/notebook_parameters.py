@@ -22,15 +22,15 @@ which, before anything is computed:
   :meth:`mergelib.miniature.MiniatureConfig.from_parameters` uses too): a single value given for
   a list parameter is a one-element list (``-p datasets PACS`` is ``["PACS"]``), an int is
   accepted for a float;
-* checks each value's choices and range (:data:`RULES`: method specs through
-  :func:`mergelib.methods.parse_method_spec`, datasets, tasks, domains and backbones through
+* checks each value's choices and range (``RULES``: method specs through
+  :func:`~mergelib.methods.registry.parse_method_spec`, datasets, tasks, domains and backbones through
   their registries, devices through :func:`mergelib.methods.common.resolve_device`, counts at
-  least 1, ...) and the notebook's constraints between parameters (:data:`CROSS_CHECKS`, e.g.
+  least 1, ...) and the notebook's constraints between parameters (``CROSS_CHECKS``, e.g.
   the miniature's parameters through ``MiniatureConfig.from_parameters``);
 * writes the checked values back into the globals and returns them.
 
 :func:`validate_notebook_parameters` is the same check on a plain mapping, which the tests use to
-validate every notebook's defaults and the smoke parameters of :data:`mergelib.book.NOTEBOOKS`
+validate every notebook's defaults and the smoke parameters of ``mergelib.book.NOTEBOOKS``
 without executing anything.
 
 Not from a paper: this is infrastructure.
@@ -69,7 +69,7 @@ def _describe(hint: Any) -> str:
 
 def coerce_parameter(name: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (``str``, ``int``, ``float``, ``bool``, ``dict``,
-    ``tuple[X, ...]``, ``list[X]`` or a union of them), or a :class:`ParameterError` naming the
+    ``tuple[X, ...]``, ``list[X]`` or a union of them), or a :class:`~mergelib.errors.ParameterError` naming the
     parameter, the expected type and the value.
 
     A list parameter given a single value gets a one-element list (a string is never read letter
@@ -309,7 +309,7 @@ def _miniature_config(notebook: str, values: Mapping[str, Any]) -> None:
 
 def miniature_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``MiniatureConfig.from_parameters`` in ``notebook``: its
-    :data:`MINIATURE_PARAMETERS`, then ``overrides`` (which win)."""
+    ``MINIATURE_PARAMETERS``, then ``overrides`` (which win)."""
     return {**{k: values[k] for k in MINIATURE_PARAMETERS[notebook]}, **values.get("overrides", {})}
 
 
@@ -384,7 +384,7 @@ def _unknown_names(notebook: str, unknown: list[str], defaults: Mapping[str, Any
 def validate_notebook_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Every parameter of ``notebook`` checked: ``values`` (some of them; the rest take their
     defaults) must name parameters of the notebook, have the types of their defaults (coerced
-    as :func:`coerce_parameter` does) and pass :data:`RULES` and :data:`CROSS_CHECKS`. Returns
+    as :func:`coerce_parameter` does) and pass ``RULES`` and ``CROSS_CHECKS``. Returns
     all the parameters, checked."""
     defaults = notebook_defaults(notebook)
     unknown = [name for name in values if name not in defaults]
@@ -420,7 +420,7 @@ def check_notebook_parameters(notebook: str, namespace: MutableMapping[str, Any]
 
     Every global that is not a parameter, a module, a function or class, IPython's own or
     ``_``-prefixed was injected by papermill under a name the notebook does not have: a
-    :class:`ParameterError` names it and the valid parameters. The parameters are then checked
+    :class:`~mergelib.errors.ParameterError` names it and the valid parameters. The parameters are then checked
     by :func:`validate_notebook_parameters`, and the checked (coerced) values written back into
     ``namespace`` and returned. Rerunning the cell in an interactive session checks the values
     again but not the names (the notebook's later cells have made globals of their own).

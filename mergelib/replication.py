@@ -19,7 +19,7 @@ Both write their results under ``results_dir/{backbone}/...`` as CSV, one file p
 method), with a provenance record (commit, parameters, seeds, versions), atomically, so that the
 book's results chapter picks them up. Experts are cached as safetensors with manifests
 (:mod:`mergelib.checkpoints`): a rerun reuses every finished expert and result. Each expert is
-fine-tuned under a lock beside its file (:func:`cached_expert`): two runs sharing a checkpoint
+fine-tuned under a lock beside its file (:func:`~mergelib.replication.cached_expert`): two runs sharing a checkpoint
 folder never train the same expert at once; the second waits for it and loads it.
 
 The same code runs the miniature's ``tiny-clip`` on the generated stand-in folders of
@@ -272,7 +272,7 @@ class DGExperiment:
                         lock_timeout: float = DEFAULT_WAIT_SECONDS) -> dict[str, Any]:
         """Fine-tune ``domain``'s expert with the recipe unless a valid one is cached; its manifest.
         If another process is fine-tuning it, wait for it (up to ``lock_timeout`` seconds) and load
-        it (:func:`cached_expert`)."""
+        it (:func:`~mergelib.replication.cached_expert`)."""
         self._check_domain(domain)
 
         def build():
@@ -289,7 +289,7 @@ class DGExperiment:
                              check=self._fits_backbone)[1]
 
     def _fits_backbone(self, state: Mapping[str, torch.Tensor]) -> None:
-        """:class:`CorruptCheckpointError` unless ``state`` has the pretrained encoder's keys and shapes."""
+        """:class:`~mergelib.errors.CorruptCheckpointError` unless ``state`` has the pretrained encoder's keys and shapes."""
         expect_shapes({k: v.shape for k, v in self.pretrained.items()}, f"the {self.backbone} image encoder")(state)
 
     def load_expert(self, domain: str) -> StateDict:
@@ -558,7 +558,7 @@ def finetune_task_expert(
 ) -> dict[str, Any]:
     """Fine-tune one task expert of the 8/14/20-task suites as the released ``finetune.py`` does,
     unless a valid one is cached; return its manifest. If another process is fine-tuning it, wait
-    for it (up to ``lock_timeout`` seconds) and load it (:func:`cached_expert`).
+    for it (up to ``lock_timeout`` seconds) and load it (:func:`~mergelib.replication.cached_expert`).
 
     The recipe is SCORE's and TALL's (AdamW lr 1e-5, wd 0.1, batch 128, 500 warm-up steps, cosine,
     clip 1.0) with the task's released epochs (``TaskDatasetSpec.epochs``; ``epochs``

@@ -21,7 +21,7 @@ Rerunning the same sweep resumes it: finished jobs are never redone.
 
 One sweep at a time per ``results_dir``, and every job runs once: :func:`run_sweep` holds the
 lock ``{results_dir}/sweep.lock`` (:mod:`mergelib.locks`) while it runs, so a second sweep over
-the same folder stops at once with :class:`SweepLockedError`, naming the sweep that runs there;
+the same folder stops at once with :class:`~mergelib.sweep.SweepLockedError`, naming the sweep that runs there;
 :func:`sweep_status` stays usable meanwhile (read-only). Each job runs under its own lock
 ``{results_dir}/{kind}/{job.id}.lock``: a worker that finds its job being run by another live
 process (e.g. a worker left running by a killed sweep) waits for it and returns its record. The
@@ -76,7 +76,7 @@ DEFAULT_EXECUTOR_OPTIONS: dict[str, Any] = {"timeout_min": 12 * 60}
 
 
 def check_executor(executor: str) -> str:
-    """``executor`` if it is one of :data:`EXECUTORS` and can run here, else a clear error:
+    """``executor`` if it is one of ``EXECUTORS`` and can run here, else a clear error:
     ``"slurm"`` needs SLURM's ``sbatch`` on ``PATH`` (a cluster's login node)."""
     import shutil
 
@@ -649,7 +649,7 @@ def run_sweep(
     Jobs with a valid record are skipped; a corrupt record (unparseable, or made for other
     params) is reported, deleted and its job rerun. Waves run in dependency order; dependants
     of a failed job are blocked, not run. The sweep holds ``{results_dir}/sweep.lock`` while it
-    runs: a second sweep over the same folder raises :class:`SweepLockedError` (naming the
+    runs: a second sweep over the same folder raises :class:`~mergelib.sweep.SweepLockedError` (naming the
     first) before it runs anything; the lock of a killed sweep is taken over with a notice.
     """
     check_executor(executor)
@@ -798,7 +798,7 @@ def sweep_results(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame
 
 
 def check_job_params(kind: str, params: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
-    """Raise a :class:`ParameterValueError` naming the unknown and the missing parameters of a job."""
+    """Raise a :class:`~mergelib.errors.ParameterValueError` naming the unknown and the missing parameters of a job."""
     required, valid = set(required), set(required) | set(optional)
     unknown, missing = sorted(set(params) - valid), sorted(required - set(params))
     if unknown or missing:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +32,13 @@ def tiny_clip(tiny_config, cache_dir):
     torch.set_num_threads(2)
     clip, manifest = pretrained_tiny_clip(tiny_config.pretrain, cache_dir, progress=False)
     return clip
+
+
+def executions(log_dir: Path) -> dict[int, int]:
+    """How many times each x of the ``sleep-and-square`` job kind was executed (each execution
+    leaves one ``x<N>-*.run`` file in its ``log_dir``): the sweep and lock tests count reruns."""
+    counts: dict[int, int] = {}
+    for path in log_dir.glob("x*.run"):
+        x = int(path.name[1:].split("-")[0])
+        counts[x] = counts.get(x, 0) + 1
+    return counts

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mergelib.locks import FOREIGN_STALE_SECONDS, LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
+from conftest import executions
 from mergelib.sweep import Job, check_record, execute_job, load_record, run_sweep, sweep_lock_path, sweep_status
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,13 +26,6 @@ def square_jobs(log_dir: Path, xs, seconds: float = 0.0) -> list[Job]:
     return [Job("sleep-and-square", {"x": x, "seconds": seconds, "log_dir": str(log_dir)}) for x in xs]
 
 
-def executions(log_dir: Path) -> dict[int, int]:
-    """How many times each x was executed (sleep-and-square leaves one file per execution)."""
-    counts: dict[int, int] = {}
-    for path in log_dir.glob("x*.run"):
-        x = int(path.name[1:].split("-")[0])
-        counts[x] = counts.get(x, 0) + 1
-    return counts
 
 
 def wait_for(condition, seconds: float = 30.0) -> None:

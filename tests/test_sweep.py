@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelib
+from conftest import executions
 from mergelib.errors import ParameterValueError, UnknownNameError
 from mergelib.sweep import (
     JOB_KINDS,
@@ -42,13 +43,6 @@ def square_jobs(log_dir: Path, xs, **extra) -> list[Job]:
     return [Job("sleep-and-square", {"x": x, "seconds": 0.0, "log_dir": str(log_dir), **extra}) for x in xs]
 
 
-def executions(log_dir: Path) -> dict[int, int]:
-    """How many times each x was executed (one file per execution)."""
-    counts: dict[int, int] = {}
-    for path in log_dir.glob("x*.run"):
-        x = int(path.name[1:].split("-")[0])
-        counts[x] = counts.get(x, 0) + 1
-    return counts
 
 
 def sum_of_inputs(params, workdir, *, inputs):

@@ -1,7 +1,7 @@
 """The container every generator returns: 32x32 RGB uint8 images with integer labels.
 
 Also the small deterministic helpers the generators share (stable hashing of names into seeds,
-interpolation matrices for resizing) and the re-exported :class:`UnknownNameError`.
+interpolation matrices for resizing) and the re-exported :class:`~mergelib.errors.UnknownNameError`.
 """
 
 from __future__ import annotations

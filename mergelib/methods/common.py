@@ -42,9 +42,9 @@ ACTIVE_FACTOR_CACHE: ContextVar = ContextVar("mergelib_factor_cache", default=No
 EXCLUDED_FROM_MATRIX_PATH = "text_projection"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-#: open_clip's full-model names, which every state dict and task vector of mergelib uses: the
-#: image tower's parameters start with ``visual.``, its residual blocks' with
-#: ``visual.transformer.resblocks.<i>.`` (e.g. ``visual.transformer.resblocks.0.attn.in_proj_weight``).
+#: The prefix of open_clip's full-model names of the image tower, which every state dict and task
+#: vector of mergelib uses; its residual blocks' names start with ``BLOCK_PREFIX``
+#: (e.g. ``visual.transformer.resblocks.0.attn.in_proj_weight``).
 VISUAL_PREFIX = "visual."
 BLOCK_PREFIX = VISUAL_PREFIX + "transformer.resblocks."
 BLOCK_KEY_PATTERN = BLOCK_PREFIX + "<i>.<layer>"
@@ -87,7 +87,7 @@ def prefix_hint(wanted: Iterable[str], keys: Iterable[str]) -> str:
 
 
 def require_keys(mapping: Mapping[str, object], keys: Iterable[str], *, what: str) -> None:
-    """Raise a :class:`StateKeyError` naming the ``keys`` that ``mapping`` (called ``what``) lacks."""
+    """Raise a :class:`~mergelib.errors.StateKeyError` naming the ``keys`` that ``mapping`` (called ``what``) lacks."""
     keys = list(keys)
     missing = [key for key in keys if key not in mapping]
     if missing:
@@ -262,7 +262,7 @@ def valid_devices() -> list[str]:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The compute device: ``None`` or ``"auto"``: CUDA when available, else the CPU; otherwise a
-    device this machine has (see :func:`valid_devices`), else a :class:`ParameterValueError`."""
+    device this machine has (see :func:`valid_devices`), else a :class:`~mergelib.errors.ParameterValueError`."""
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -412,7 +412,7 @@ def esm(
         subspaces: one dict per task (same order as ``task_vectors``), ESD key ->
             ``(eigenvectors [d_out, >= k], eigenvalues [d_out])``, from
             :func:`mergelib.essential.essential_subspaces`; required for ``decomposition="esd"``
-            (the task vectors must hold ESD layers, see :data:`ESD_LAYER_SETS`), unused for ``"svd"``;
+            (the task vectors must hold ESD layers, see ``ESD_LAYER_SETS``), unused for ``"svd"``;
             extra keys are ignored.
         alpha: the factor of the merged vector on ``alpha_scope`` (``"esd_keys"``, released, or
             ``"all"``); apply the result with global coefficient 1.
