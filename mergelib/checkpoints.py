@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptCheckpointError, OutputRefusedError, TensorError
+from .methods.common import non_finite_count
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -407,8 +408,8 @@ def check_finite(state: Mapping[str, torch.Tensor], what: str, hint: str = "") -
     """Raise :class:`~mergelib.errors.TensorError` naming the first floating-point tensor of
     ``state`` that holds NaN or Inf (``what`` names the output, ``hint`` the likely remedy)."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+        bad = non_finite_count(tensor)
+        if bad:
             raise TensorError(f"{what}: tensor {name!r} holds {bad} NaN or Inf values; nothing was written"
                               + (f" ({hint})" if hint else ""))
 

@@ -85,6 +85,7 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
+from .methods.common import block_layer
 from .provenance import provenance
 from .task_vectors import PREFIX, StateDict, encoder_state
 
@@ -456,7 +457,6 @@ def open_clip_to_hf(state: Mapping[str, torch.Tensor], *, prefix: str = "vision_
     """
     top = {v: k for k, v in _HF_TOP.items()}
     layer_names = {v: k for k, v in _HF_LAYER.items()}
-    block = re.compile(re.escape(PREFIX) + r"transformer\.resblocks\.(\d+)\.(.+)")
     out = {}
     for key, value in state.items():
         if not key.startswith(PREFIX):
@@ -466,8 +466,8 @@ def open_clip_to_hf(state: Mapping[str, torch.Tensor], *, prefix: str = "vision_
             out["visual_projection.weight"] = value.t().contiguous()
         elif name in top:
             out[prefix + top[name]] = value.clone()
-        elif (match := block.fullmatch(key)) is not None:
-            layer, rest = match.groups()
+        elif (match := block_layer(key)) is not None:
+            layer, rest = match
             hf_layer = f"{prefix}encoder.layers.{layer}."
             if rest.startswith("attn.in_proj_"):
                 kind = rest[len("attn.in_proj_"):]
