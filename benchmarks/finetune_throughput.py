@@ -2,7 +2,7 @@
 
 The backbone's image tower is built with ``weights=None`` (a random initialisation of the real
 architecture: no network needed, and throughput does not depend on the weights' values), given a
-frozen head, and trained with mergelib's own training step (``mergelib.finetune.TrainingStep``:
+frozen head, and trained with mergelib's own training step (``mergelib.models.finetune.TrainingStep``:
 AdamW, warm-up then cosine, clipping at 1.0, autocast) on random batches already on the device,
 so the figures are those of the model and optimizer, not of an input pipeline. Untimed warm-up
 steps come first; on CUDA each timed step ends with ``torch.cuda.synchronize`` and the peak
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from mergelib.backbones import BACKBONES, create_clip
-from mergelib.benchmarking import check_precision, device_description, finetune_throughput, resolve_benchmark_device
+from mergelib.models.backbones import BACKBONES, create_clip
+from mergelib.experiments.benchmarking import check_precision, device_description, finetune_throughput, resolve_benchmark_device
 from mergelib.errors import MergelibError
-from mergelib.evaluation import PRECISIONS
-from mergelib.provenance import REPO_ROOT, git_state, provenance, write_json
+from mergelib.models.evaluation import PRECISIONS
+from mergelib.io.provenance import REPO_ROOT, git_state, provenance, write_json
 
 
 def main(argv=None) -> int:

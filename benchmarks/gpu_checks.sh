@@ -52,7 +52,7 @@ for name in ("torch", "torchvision", "open_clip", "numpy", "pandas", "sklearn", 
 if missing:
     sys.exit("[gpu_checks] this python lacks: " + ", ".join(missing) + "; set PYTHON to one that has them")
 import torch
-import mergelib.benchmarking, mergelib.methods  # noqa: F401  (mergelib from this checkout)
+import mergelib.experiments.benchmarking, mergelib.methods  # noqa: F401  (mergelib from this checkout)
 if sys.argv[1] != "1":
     if not torch.cuda.is_available():
         sys.exit(f"[gpu_checks] CUDA is not available to torch {torch.__version__} (built with CUDA "

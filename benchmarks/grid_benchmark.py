@@ -9,7 +9,7 @@ TSV-M. Three implementations of the same grid are timed in one run:
 * ``merge_grid``: :func:`mergelib.merge_grid` (each expert decomposed once, each fold's basis
   and projections shared);
 * ``merge``: :func:`mergelib.merge` once per (fold, method);
-* ``reference``: the straightforward float32 implementation of :mod:`mergelib.reference`, one
+* ``reference``: the straightforward float32 implementation of :mod:`mergelib.methods.reference`, one
   (fold, method) at a time. It is slow (full SVDs), so it is timed on ``--reference-merges``
   (fold, method) pairs of the first fold and its grid time is *estimated* as their mean time
   per merge times the number of merges (every merge of the grid does the same SVD work); the
@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 import mergelib
-from mergelib.ablations import score_ablation_specs
+from mergelib.experiments.ablations import score_ablation_specs
 from mergelib.methods import parse_method_spec
-from mergelib.provenance import REPO_ROOT, git_state, provenance, write_json
-from mergelib.reference import reference_merge
+from mergelib.io.provenance import REPO_ROOT, git_state, provenance, write_json
+from mergelib.methods.reference import reference_merge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_benchmark import (  # noqa: E402  (the benchmark's shared helpers)

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 import mergelib
-from mergelib.backbones import BACKBONES, create_clip
+from mergelib.models.backbones import BACKBONES, create_clip
 from mergelib.methods import METHODS
-from mergelib.reference import REFERENCE_RULES, reference_merge
-from mergelib.provenance import REPO_ROOT, git_state, provenance, write_json
+from mergelib.methods.reference import REFERENCE_RULES, reference_merge
+from mergelib.io.provenance import REPO_ROOT, git_state, provenance, write_json
 
 # Parameters a method needs to run on task vectors alone (ESM's activation subspaces need a model
 # and data; its SVD variant times the same merging and scaling machinery).
@@ -77,7 +77,7 @@ def nbytes(vector: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------- reference
-# the straightforward full-SVD reference lives in mergelib.reference (one copy, shared with the grid benchmark)
+# the straightforward full-SVD reference lives in mergelib.methods.reference (one copy, shared with the grid benchmark)
 REFERENCES = REFERENCE_RULES
 
 

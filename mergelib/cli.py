@@ -7,11 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MergelibError
+from mergelib.errors import MergelibError
 
 
 def _book(args: argparse.Namespace) -> int:
-    from .book import build_book, execute_notebooks
+    from mergelib.report.book import build_book, execute_notebooks
 
     start = time.perf_counter()
     if not args.skip_notebooks:
@@ -24,7 +24,7 @@ def _book(args: argparse.Namespace) -> int:
 
 
 def _notebooks(args: argparse.Namespace) -> int:
-    from .book import execute_notebooks
+    from mergelib.report.book import execute_notebooks
 
     execute_notebooks(force=args.force)
     return 0
@@ -33,14 +33,14 @@ def _notebooks(args: argparse.Namespace) -> int:
 def _lab(args: argparse.Namespace) -> int:
     import os
 
-    from .book import lab_command, lab_environment
+    from mergelib.report.book import lab_command, lab_environment
 
     command = lab_command(port=args.port, open_browser=not args.no_browser, token=args.token)
     os.execve(command[0], command, lab_environment())  # JupyterLab takes this process over (Ctrl-C stops it)
 
 
 def _recipe_study(args: argparse.Namespace) -> int:
-    from .miniature import STUDY_DIR, run_recipe_study
+    from mergelib.experiments.miniature import STUDY_DIR, run_recipe_study
 
     run_recipe_study()
     print(f"[mergelib] recipe study written to {STUDY_DIR}", flush=True)
@@ -48,7 +48,7 @@ def _recipe_study(args: argparse.Namespace) -> int:
 
 
 def _seeds_study(args: argparse.Namespace) -> int:
-    from .seeds_study import SEEDS_STUDY_DIR, run_seeds_study
+    from mergelib.experiments.seeds_study import SEEDS_STUDY_DIR, run_seeds_study
 
     run_seeds_study()
     print(f"[mergelib] seeds study written to {SEEDS_STUDY_DIR}", flush=True)
@@ -56,7 +56,7 @@ def _seeds_study(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge_files import merge_checkpoint_files, parse_parameters
+    from mergelib.io.merge_files import merge_checkpoint_files, parse_parameters
 
     manifest = merge_checkpoint_files(
         args.method, args.pretrained, args.experts, args.output, parameters=parse_parameters(args.param),
@@ -67,7 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _replicate_dg(args: argparse.Namespace) -> int:
-    from .replication import PAPER_DG_METHODS, check_dg_run, run_domain_generalization
+    from mergelib.experiments.replication import PAPER_DG_METHODS, check_dg_run, run_domain_generalization
 
     methods = args.methods or PAPER_DG_METHODS
     for dataset in args.datasets:  # every dataset's names checked before the first one's experts are fine-tuned
@@ -84,7 +84,7 @@ def _replicate_dg(args: argparse.Namespace) -> int:
 
 
 def _replicate_multitask(args: argparse.Namespace) -> int:
-    from .replication import PAPER_MT_METHODS, check_multitask_run, finetune_task_experts, run_multitask
+    from mergelib.experiments.replication import PAPER_MT_METHODS, check_multitask_run, finetune_task_experts, run_multitask
 
     # every name, and without --finetune every expert, checked before the backbone is loaded
     tasks = check_multitask_run(args.backbone, args.tasks, methods=args.methods or PAPER_MT_METHODS,
@@ -107,11 +107,11 @@ EXIT_SWEEP_LOCKED = 3
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .benchmark_sweeps import dg_sweep, multitask_sweep
-    from .errors import ParameterValueError
-    from .merge_files import parse_parameters
-    from .locks import lock_holder
-    from .sweep import SweepLockedError, check_executor, run_sweep, sweep_lock_path, sweep_status
+    from mergelib.experiments.benchmark_sweeps import dg_sweep, multitask_sweep
+    from mergelib.errors import ParameterValueError
+    from mergelib.io.merge_files import parse_parameters
+    from mergelib.io.locks import lock_holder
+    from mergelib.experiments.sweep import SweepLockedError, check_executor, run_sweep, sweep_lock_path, sweep_status
 
     if not args.status:
         check_executor(args.executor)  # slurm without sbatch here: said at once, before anything is planned
@@ -155,7 +155,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .importers import is_model_folder, import_checkpoint, import_directory
+    from mergelib.models.importers import is_model_folder, import_checkpoint, import_directory
 
     if args.source.is_dir() and not is_model_folder(args.source):  # a tall_masks-style tree, not one HF model
         done = import_directory(args.source, args.destination, backbone=args.backbone, trust_pickle=args.trust_pickle,
@@ -170,7 +170,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from .methods import METHODS
+    from mergelib.methods import METHODS
 
     for method in METHODS.values():
         arxiv = f"arXiv {method.arxiv}" if method.arxiv else ""

@@ -24,8 +24,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .errors import ParameterError, TensorError
-from .methods.common import VISUAL_PREFIX, StateDict, check_number, check_tensor, non_finite_count, require_keys
+from mergelib.errors import ParameterError, TensorError
+from mergelib.methods.common import VISUAL_PREFIX, StateDict, check_number, check_tensor, non_finite_count, require_keys
 
 PREFIX = VISUAL_PREFIX
 

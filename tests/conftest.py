@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergelib.miniature import SMOKE_PARAMETERS, MiniatureConfig
+from mergelib.experiments.miniature import SMOKE_PARAMETERS, MiniatureConfig
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns at each random initialisation
 
@@ -27,7 +27,7 @@ def tiny_config(cache_dir) -> MiniatureConfig:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_config, cache_dir):
-    from mergelib.pretrain import pretrained_tiny_clip
+    from mergelib.models.pretrain import pretrained_tiny_clip
 
     torch.set_num_threads(2)
     clip, manifest = pretrained_tiny_clip(tiny_config.pretrain, cache_dir, progress=False)

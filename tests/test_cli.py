@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelib
-from mergelib.checkpoints import load_state
+from mergelib.io.checkpoints import load_state
 from mergelib.cli import main
 from mergelib.methods import METHODS
 from mergelib.task_vectors import task_vector

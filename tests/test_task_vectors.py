@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mergelib.data import make_domain_benchmark
-from mergelib.finetune import FinetuneConfig, finetune_image_encoder
-from mergelib.heads import zero_shot_head
+from mergelib.models.finetune import FinetuneConfig, finetune_image_encoder
+from mergelib.models.heads import zero_shot_head
 import mergelib
 from mergelib.errors import ParameterError, ParameterValueError, TensorError
 from mergelib.methods.registry import validate_task_vectors

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import mergelib.replication as replication
-from mergelib.benchmark_sweeps import dg_sweep, multitask_sweep
+import mergelib.experiments.replication as replication
+from mergelib.experiments.benchmark_sweeps import dg_sweep, multitask_sweep
 from mergelib.cli import main
 from mergelib.data.standins import make_dg_standin
 from mergelib.errors import ParameterError, ParameterValueError, UnknownNameError
 from mergelib.methods import MethodSpec
-from mergelib.replication import (MissingExpertsError, finetune_task_experts, method_specs, prepare_dg_experiment,
+from mergelib.experiments.replication import (MissingExpertsError, finetune_task_experts, method_specs, prepare_dg_experiment,
                                   run_domain_generalization, run_multitask, task_names)
 
 

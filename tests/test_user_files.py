@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelib import merge_files
-from mergelib.checkpoints import atomic_write, load_state, read_manifest, remove_stale_temporaries
+from mergelib.io import merge_files
+from mergelib.io.checkpoints import atomic_write, load_state, read_manifest, remove_stale_temporaries
 from mergelib.cli import main
 from mergelib.errors import CorruptCheckpointError, OutputRefusedError
-from mergelib.merge_files import merge_checkpoint_files
+from mergelib.io.merge_files import merge_checkpoint_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,7 @@ def test_a_foreign_output_needs_overwrite_and_mergelibs_own_is_replaced(files, c
 
 
 def test_import_refuses_a_foreign_destination_without_overwrite(tmp_path, capsys):
-    from mergelib.importers import expected_visual_shapes
+    from mergelib.models.importers import expected_visual_shapes
 
     source = tmp_path / "finetuned.pt"
     torch.save({k: torch.zeros(s) for k, s in expected_visual_shapes("tiny-clip").items()}, source)
@@ -146,7 +146,7 @@ def test_import_of_a_folder_without_checkpoints_names_the_folder_and_the_layout(
 
 
 def test_an_import_of_an_older_mergelib_is_reported_and_redone(tmp_path):
-    from mergelib.importers import expected_visual_shapes, is_imported, load_imported, load_manifest
+    from mergelib.models.importers import expected_visual_shapes, is_imported, load_imported, load_manifest
 
     source = tmp_path / "finetuned.pt"
     torch.save({k: torch.zeros(s) for k, s in expected_visual_shapes("tiny-clip").items()}, source)
@@ -278,7 +278,7 @@ def _failing_write(tmp: Path) -> None:
 
 KILLER = """
 import os, signal, sys
-import mergelib.checkpoints as checkpoints
+import mergelib.io.checkpoints as checkpoints
 from mergelib.cli import main
 
 where, nth = sys.argv[1], int(sys.argv[2])

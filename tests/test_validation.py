@@ -15,7 +15,7 @@ import torch
 import mergelib
 from mergelib.analysis import layer_info, sar_matrix
 from mergelib.errors import ParameterError, ParameterValueError, StateKeyError, TensorError
-from mergelib.merge_files import parse_parameters
+from mergelib.io.merge_files import parse_parameters
 from mergelib.methods import METHODS, check_method_parameters, parse_method_spec, parse_parameter_value
 from mergelib.methods.common import Choice, Flag, Fraction, Integer, Number, block_layer, resolve_device
 from mergelib.methods.esm import check_subspaces_argument, esm, layer_type
@@ -320,7 +320,7 @@ def test_a_half_precision_result_that_overflows_is_an_error_naming_the_tensor():
 def test_analyses_refuse_tensors_they_cannot_compute_on():
     from mergelib.analysis import projection_statistics
     from mergelib.analysis.esd import layer_truncation_table
-    from mergelib.essential import essential_subspaces
+    from mergelib.models.essential import essential_subspaces
 
     tvs = _vectors()
     tvs[1]["visual.proj"] = torch.full((4, 3), math.nan)

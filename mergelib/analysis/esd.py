@@ -14,7 +14,7 @@ the update contributes there::
 **The ESD minimises it on the inputs it was fitted to.** ``D B_k B_kᵀ`` has rank at most ``k``,
 and by Eckart–Young no matrix of rank ``k`` is closer to ``D`` in Frobenius norm than its
 truncated SVD, which loses ``Σ_{i>k} s_i²`` (``s`` the singular values of ``D``). The ESD
-(:func:`mergelib.essential.activation_pca`) takes as ``B`` the right singular vectors of ``D``
+(:func:`mergelib.models.essential.activation_pca`) takes as ``B`` the right singular vectors of ``D``
 itself, so ``D B_k B_kᵀ`` *is* that truncated SVD: its error is ``Σ_{i>k} λ_i / Σ_i λ_i`` with
 ``λ_i = s_i² / (n - 1)``, the least of any rank-``k`` update of the layer (of the form
 ``B_k B_kᵀ ΔW`` or not) on those inputs. Truncating the SVD of the weights instead
@@ -45,7 +45,7 @@ updates anyway (α and the polarized scaling). Note that the ESD is an *uncentre
 centres, so the ESD is not CKA-optimal by construction; it tends to win on anisotropic inputs.
 
 **Padded ESD columns.** When the ESD is fitted on fewer rows than outputs (``n < d_out``),
-:func:`~mergelib.essential.activation_pca` pads its basis, as the released code does, with the
+:func:`~mergelib.models.essential.activation_pca` pads its basis, as the released code does, with the
 standard axes ``e_{n+1} .. e_{d_out}``, which are not orthogonal to the ``n`` real eigenvectors,
 so ``B_k B_kᵀ`` is not a projector for ``k > n``. Here a basis is by default *orthonormalised in
 column order* (Gram–Schmidt: the first ``k`` resulting columns span the same space as the first
@@ -72,10 +72,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..essential import activation_pca, check_model_input, collect_layer_inputs
-from ..methods.common import check_flag, check_fraction, require_keys, svd
-from ..methods.esm import layer_type
-from ..task_vectors import apply_task_vector, load_encoder_state
+from mergelib.models.essential import activation_pca, check_model_input, collect_layer_inputs
+from mergelib.methods.common import check_flag, check_fraction, require_keys, svd
+from mergelib.methods.esm import layer_type
+from mergelib.task_vectors import apply_task_vector, load_encoder_state
 
 DECOMPOSITIONS = ("ESD", "SVD")
 ORTHONORMAL_TOLERANCE = 1e-6  # |BᵀB - I| entries below this: the leading columns are used as they are
@@ -195,7 +195,7 @@ def _offsets(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _decompositions(x: torch.Tensor, w: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{"ESD": (Q, λ), "SVD": (U, σ²)}``: nested orthonormal output bases and their spectra.
 
-    ESD: :func:`~mergelib.essential.activation_pca` of ``X`` and ``ΔW`` with all ``d_out``
+    ESD: :func:`~mergelib.models.essential.activation_pca` of ``X`` and ``ΔW`` with all ``d_out``
     eigenvectors (padded ones orthonormalised, see the module notes). SVD: the left singular
     vectors of ``ΔW`` (``min(d_out, d_in)`` of them, :func:`mergelib.methods.common.svd`).
     """
@@ -267,7 +267,7 @@ def truncation_curves(
     """Output-space truncation error and energy concentration of the ESD and the SVD at equal ranks.
 
     Args:
-        inputs: ``X`` ``[n >= 2, d_in]``, the inputs the ESD is fitted to (:func:`mergelib.essential.activation_pca`).
+        inputs: ``X`` ``[n >= 2, d_in]``, the inputs the ESD is fitted to (:func:`mergelib.models.essential.activation_pca`).
         delta_w: ``ΔW`` ``[d_out, d_in]``.
         ranks: numbers of kept output directions, each in ``[0, d_out]``. The SVD has only
             ``min(d_out, d_in)`` directions; a larger rank keeps them all (error 0, energy 1).
@@ -396,7 +396,7 @@ def layer_truncation_table(
     The layer inputs are collected, as ESM does, on the expert ``θ_0 + τ`` (a deep copy of
     ``image_encoder`` loaded with ``apply_task_vector(pretrained_state, task_vector)``) in one
     forward pass of ``proxy_inputs`` (model input ``[N, 3, H, W]``), with
-    :func:`mergelib.essential.collect_layer_inputs`, which holds every layer's inputs at once:
+    :func:`mergelib.models.essential.collect_layer_inputs`, which holds every layer's inputs at once:
     meant for small models (tiny-clip, or a few images of a ViT-B). ``eval_inputs`` (model input
     of other images) gives held-out layer inputs from a second pass; by default the error and CKA
     are measured on the proxies themselves. ``full_outputs``: compare full layer outputs (with

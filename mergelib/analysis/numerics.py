@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..methods import merge, parse_method_spec
-from ..methods.common import rank_per_task, svd
-from ..methods.score import basis_from_svd, score_from_basis
+from mergelib.methods import merge, parse_method_spec
+from mergelib.methods.common import rank_per_task, svd
+from mergelib.methods.score import basis_from_svd, score_from_basis
 
 
 def relative_change(a: Mapping[str, torch.Tensor] | torch.Tensor, b: Mapping[str, torch.Tensor] | torch.Tensor) -> float:

@@ -93,8 +93,8 @@ from typing import Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
-from ..errors import ParameterValueError, StateKeyError
-from ..methods.common import (
+from mergelib.errors import ParameterValueError, StateKeyError
+from mergelib.methods.common import (
     BLOCK_KEY_PATTERN,
     VISUAL_PREFIX,
     block_layer,
@@ -114,7 +114,7 @@ from ..methods.common import (
     stacked,
     svd,
 )
-from ..methods.score import score_basis, trim_mask, trim_statistics
+from mergelib.methods.score import score_basis, trim_mask, trim_statistics
 
 DEFAULT_ENERGY = 0.97  # tau of the released SAR scripts
 SIDES = ("left", "both")

@@ -8,9 +8,14 @@
 * :mod:`.suite`: the mini multi-task suite (Fashion-MNIST; scikit-learn's digits; the animal
   silhouettes of the ``animal-mnist`` wheel, MIT licence; scikit-image texture patches).
 * :mod:`.imageset`: the :class:`ImageSet` container.
+* :mod:`.dg_datasets`, :mod:`.task_suites`, :mod:`.files`, :mod:`.templates`: the real
+  benchmarks' folder layouts (the papers' eight domain-generalisation benchmarks and the 8/14/20-task
+  suites), their prompt templates, and :mod:`.standins`, small generated copies of those layouts.
+
+Imports only :mod:`mergelib.errors`; nothing here knows about models or merging.
 """
 
-from .domains import (
+from mergelib.data.domains import (
     DEFAULT_DOMAINS,
     DOMAIN_BENCHMARK_TEMPLATES,
     DOMAINS,
@@ -21,9 +26,9 @@ from .domains import (
     make_pretraining_pool,
     render_domain,
 )
-from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, DatasetNotFoundError, load_fashion_mnist
-from .imageset import ImageSet, UnknownNameError
-from .suite import TASKS, TaskSpec, make_task
+from mergelib.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, DatasetNotFoundError, load_fashion_mnist
+from mergelib.data.imageset import ImageSet, UnknownNameError
+from mergelib.data.suite import TASKS, TaskSpec, make_task
 
 __all__ = [
     "ImageSet", "UnknownNameError", "DatasetNotFoundError",

@@ -68,9 +68,9 @@ from typing import Sequence, TypeVar
 
 import torch
 
-from ..errors import ParameterValueError, lookup
-from .files import DataLayoutError, ImageFileSet
-from .templates import DG_TEMPLATES
+from mergelib.errors import ParameterValueError, lookup
+from mergelib.data.files import DataLayoutError, ImageFileSet
+from mergelib.data.templates import DG_TEMPLATES
 
 __all__ = [
     "DGDatasetSpec", "ClassName", "DatasetReport", "DG_DATASETS", "SPLITS", "IMAGE_SUFFIXES",

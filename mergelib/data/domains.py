@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .fashion_mnist import BENCHMARK_SLOTS, FASHION_MNIST_CLASSES, FASHION_REGIONS, draw_from_region, load_fashion_mnist
-from .imageset import ImageSet, derive_seed, resize_matrix, stable_int, to_imageset, unknown
+from mergelib.data.fashion_mnist import BENCHMARK_SLOTS, FASHION_MNIST_CLASSES, FASHION_REGIONS, draw_from_region, load_fashion_mnist
+from mergelib.data.imageset import ImageSet, derive_seed, resize_matrix, stable_int, to_imageset, unknown
 
 __all__ = [
     "Domain", "DOMAINS", "DEFAULT_DOMAINS", "DOMAIN_BENCHMARK_TEMPLATES", "DomainBenchmark",

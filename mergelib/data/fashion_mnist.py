@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageset import stable_int
+from mergelib.data.imageset import stable_int
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_REGIONS", "DatasetNotFoundError", "fashion_mnist_root",

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import MergelibError
-from .imageset import check_labels
+from mergelib.errors import MergelibError
+from mergelib.data.imageset import check_labels
 
 
 class DataLayoutError(MergelibError, FileNotFoundError):

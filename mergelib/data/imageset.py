@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from ..errors import UnknownNameError  # one package-wide class; its str() is the plain message
+from mergelib.errors import UnknownNameError  # one package-wide class; its str() is the plain message
 
 __all__ = ["ImageSet", "UnknownNameError", "stable_int", "derive_seed", "unknown", "resize_matrix", "to_imageset"]
 

@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import ParameterValueError, lookup
-from .dg_datasets import DG_DATASETS, SPLITS, DGDatasetSpec, get_dg_dataset
+from mergelib.errors import ParameterValueError, lookup
+from mergelib.data.dg_datasets import DG_DATASETS, SPLITS, DGDatasetSpec, get_dg_dataset
 
 __all__ = ["check_task_standin", "make_dg_standin", "make_task_standin", "standin_image", "TASK_STANDINS"]
 
@@ -169,7 +169,7 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 def check_task_standin(name: str) -> str:
     """``name`` if :func:`make_task_standin` can write it, else a clear error (an unknown task
     gets the registry's error listing the valid names)."""
-    from . import task_suites as ts
+    from mergelib.data import task_suites as ts
 
     if name not in TASK_STANDINS:
         lookup(ts.TASKS, "task", name)
@@ -190,7 +190,7 @@ def make_task_standin(name: str, root: str | Path, *, images_per_class: int = 4,
     GTSRB at most 43); EuroSAT's 10 and RESISC45's 45 class folders are always written whole,
     since their class names are fixed by folder name. The same arguments give identical files.
     """
-    from . import task_suites as ts
+    from mergelib.data import task_suites as ts
 
     check_task_standin(name)
     if images_per_class < 1 or n_classes < 1:

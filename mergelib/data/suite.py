@@ -27,9 +27,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .domains import render_domain
-from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, draw_from_region, load_fashion_mnist
-from .imageset import ImageSet, derive_seed, resize_matrix, stable_int, to_imageset, unknown
+from mergelib.data.domains import render_domain
+from mergelib.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, draw_from_region, load_fashion_mnist
+from mergelib.data.imageset import ImageSet, derive_seed, resize_matrix, stable_int, to_imageset, unknown
 
 __all__ = ["TaskSpec", "TASKS", "make_task", "TextureCrops", "sample_texture_crops", "TEXTURE_SOURCES"]
 

@@ -71,8 +71,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import MergelibError, ParameterValueError, lookup
-from .files import DataLayoutError
+from mergelib.errors import MergelibError, ParameterValueError, lookup
+from mergelib.data.files import DataLayoutError
 
 __all__ = [
     "BACKBONES", "DatasetCall", "TaskDatasetSpec", "TASK_ORDER", "TASKS", "SUITES", "suite_tasks",

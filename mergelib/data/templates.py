@@ -1,7 +1,7 @@
 """Prompt templates of SCORE's zero-shot heads (arXiv 2603.05768), as ``"...{}..."`` format strings.
 
 Every template holds exactly one ``{}`` for the class name, the form
-:func:`mergelib.heads.zero_shot_head` fills with ``template.format(name)``. Which dataset uses
+:func:`mergelib.models.heads.zero_shot_head` fills with ``template.format(name)``. Which dataset uses
 which list follows the released code (``src/datasets/templates.py`` of
 ``VirtualSpaceman/score_cvpr26``):
 

@@ -30,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ParameterValueError
-from .common import Fraction, StateDict, merge_per_key
-from .registry import CodeNote, register
+from mergelib.errors import ParameterValueError
+from mergelib.methods.common import Fraction, StateDict, merge_per_key
+from mergelib.methods.registry import CodeNote, register
 
 
 def band_mask(magnitudes: torch.Tensor, keep: int, top: int) -> torch.Tensor:

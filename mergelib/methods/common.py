@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from contextvars import ContextVar
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..errors import ParameterError, ParameterValueError, StateKeyError, TensorError
+from mergelib.errors import ParameterError, ParameterValueError, StateKeyError, TensorError
 
 #: Parameter names to tensors, as in a state dict or a plain task vector (the methods' inputs and
 #: results), of which :class:`mergelib.task_vectors.TaskVector` is a subclass with arithmetic.
@@ -147,6 +149,51 @@ def check_text(name: str, value: object) -> None:
     """Raise unless ``value`` is a string."""
     if not isinstance(value, str):
         raise ParameterValueError(f"{name} must be a string, got {value!r}")
+
+
+def describe_type(hint: Any) -> str:
+    """``list[float]`` -> ``'a list of float'``, for messages."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(option) for option in typing.get_args(hint))
+    if origin in (tuple, list):
+        return f"a list of {describe_type(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce_parameter(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (``str``, ``int``, ``float``, ``bool``, ``dict``,
+    ``tuple[X, ...]``, ``list[X]`` or a union of them), or a :class:`~mergelib.errors.ParameterError` naming the
+    parameter, the expected type and the value.
+
+    A list parameter given a single value gets a one-element list (a string is never read letter
+    by letter); an int is accepted for a float; a bool is never accepted for a number.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if typing.get_origin(option) in (tuple, list) and not isinstance(value, (list, tuple)):
+                continue  # a single value: try the scalar options first, the list ones below
+            try:
+                return coerce_parameter(name, value, option)
+            except ParameterError:
+                pass
+        for option in typing.get_args(hint):
+            if typing.get_origin(option) in (tuple, list):
+                return coerce_parameter(name, value, option)
+        raise ParameterError(f"parameter {name!r} must be {describe_type(hint)}, got {type(value).__name__} {value!r}")
+    if origin in (tuple, list):
+        item_type = typing.get_args(hint)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        coerced = [coerce_parameter(f"{name}[{i}]", item, item_type) for i, item in enumerate(items)]
+        return tuple(coerced) if origin is tuple else coerced
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint in (int, float) and isinstance(value, bool)):
+        raise ParameterError(f"parameter {name!r} must be {describe_type(hint)}, got {type(value).__name__} {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

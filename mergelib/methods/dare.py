@@ -38,10 +38,10 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ParameterValueError
-from .common import Choice, Flag, Fraction, Integer, StateDict, merge_per_key
-from .registry import CodeNote, register
-from .ties import ties_merge
+from mergelib.errors import ParameterValueError
+from mergelib.methods.common import Choice, Flag, Fraction, Integer, StateDict, merge_per_key
+from mergelib.methods.registry import CodeNote, register
+from mergelib.methods.ties import ties_merge
 
 COMBINES = ("sum", "ties")
 

@@ -9,7 +9,7 @@ merged by ESM; the other matrices (``attn.out_proj.weight``, ``visual.positional
 ``visual.proj``) by plain TSV-M (:func:`mergelib.methods.tsv.tsv_merge_matrix`).
 
 **Essential subspaces** (computed beforehand from models and data by
-:func:`mergelib.essential.essential_subspaces`, one dict per task): for task t and an ESD layer
+:func:`mergelib.models.essential.essential_subspaces`, one dict per task): for task t and an ESD layer
 with task matrix ``ΔW_t`` (``d_out x d_in``), ``E_t`` are the principal directions (columns,
 sorted) and ``λ_t`` the eigenvalues of the activation offsets ``X ΔW_tᵀ`` on proxy inputs of the
 expert (uncentred PCA). ``decomposition="svd"`` uses the left singular vectors of ``ΔW_t`` and
@@ -62,8 +62,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..errors import ParameterValueError, StateKeyError
-from .common import (
+from mergelib.errors import ParameterValueError, StateKeyError
+from mergelib.methods.common import (
     BLOCK_KEY_PATTERN,
     Choice,
     Flag,
@@ -80,9 +80,9 @@ from .common import (
     resolve_device,
     stacked,
 )
-from .factors import task_triplets
-from .registry import CodeNote, MethodSpec, parse_method_spec, register
-from .tsv import tsv_merge_matrix
+from mergelib.methods.factors import task_triplets
+from mergelib.methods.registry import CodeNote, MethodSpec, parse_method_spec, register
+from mergelib.methods.tsv import tsv_merge_matrix
 
 ESD_LAYER_SETS: dict[str, tuple[str, ...]] = {
     "released": ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
@@ -256,7 +256,7 @@ def _check_subspaces(
         raise ValueError(
             "esm with decomposition='esd' needs subspaces: a list with one dict per task (in the order of "
             "the task vectors), key -> (eigenvectors, eigenvalues), computed for task t by "
-            "mergelib.essential.essential_subspaces(image_encoder, pretrained_state, task_vectors[t], "
+            "mergelib.models.essential.essential_subspaces(image_encoder, pretrained_state, task_vectors[t], "
             "proxy_inputs_t) on a few proxy images of that task; or use decomposition='svd', which needs no data"
         )
     if len(subspaces) != tasks:
@@ -267,7 +267,7 @@ def _check_subspaces(
             raise ParameterValueError(
                 f"subspaces[{t}] lacks {len(missing)} ESD keys, e.g. {missing[:3]}; it has {describe_keys(per_task)}"
                 f"{prefix_hint(missing, per_task)}; compute them with "
-                "mergelib.essential.essential_subspaces(..., layers=...) matching esd_layers"
+                "mergelib.models.essential.essential_subspaces(..., layers=...) matching esd_layers"
             )
         for key in keys:
             entry = per_task[key]
@@ -366,7 +366,7 @@ def _check_subspaces(
                  released="min(32, N) validation images of each expert (np.random.RandomState(seed).choice), hooks "
                           "on θ_0 + τ_t, uncentred PCA with λ = s² / (n − 1), padded with standard axes when "
                           "n < d_out",
-                 mergelib="as released (`mergelib.essential.essential_subspaces`)"),
+                 mergelib="as released (`mergelib.models.essential.essential_subspaces`)"),
         CodeNote("ordering of tied eigenvalues",
                  paper="not discussed",
                  released="when the per-task budget exceeds the number of non-zero eigenvalues (for `mlp.c_fc` "
@@ -411,7 +411,7 @@ def esm(
     Args:
         subspaces: one dict per task (same order as ``task_vectors``), ESD key ->
             ``(eigenvectors [d_out, >= k], eigenvalues [d_out])``, from
-            :func:`mergelib.essential.essential_subspaces`; required for ``decomposition="esd"``
+            :func:`mergelib.models.essential.essential_subspaces`; required for ``decomposition="esd"``
             (the task vectors must hold ESD layers, see ``ESD_LAYER_SETS``), unused for ``"svd"``;
             extra keys are ignored.
         alpha: the factor of the merged vector on ``alpha_scope`` (``"esd_keys"``, released, or

@@ -28,7 +28,7 @@ bypasses the version counter; don't.) Fold entries are keyed by the tuple of the
 source keys. Caching stays off for stacks that were modified after they were built.
 
 **Memory.** Triplets live until :meth:`FactorCache.clear`; fold entries (polars, bases,
-projections) until :meth:`FactorCache.end_fold`, which :func:`mergelib.grid.merge_grid` calls
+projections) until :meth:`FactorCache.end_fold`, which :func:`mergelib.methods.grid.merge_grid` calls
 whenever it moves to another fold or another group of methods. ``nbytes`` and ``live_tensors``
 say what is held.
 """
@@ -42,7 +42,7 @@ from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
-from .common import ACTIVE_FACTOR_CACHE, complete_basis, concatenated_singular_vectors, polar, truncated_svd
+from mergelib.methods.common import ACTIVE_FACTOR_CACHE, complete_basis, concatenated_singular_vectors, polar, truncated_svd
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -34,8 +34,8 @@ from typing import Sequence
 
 import torch
 
-from .common import Fraction, StateDict, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
-from .registry import CodeNote, register
+from mergelib.methods.common import Fraction, StateDict, is_all_zero, is_matrix, mean_over_tasks, merge_per_key, polar, svd, truncated_svd
+from mergelib.methods.registry import CodeNote, register
 
 
 def iso_c_matrix(stack: torch.Tensor) -> torch.Tensor:

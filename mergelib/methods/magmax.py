@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from .common import StateDict, merge_per_key
-from .registry import CodeNote, register
+from mergelib.methods.common import StateDict, merge_per_key
+from mergelib.methods.registry import CodeNote, register
 
 
 def max_magnitude(key: str, stack: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
-from .registry import CodeNote, register
-from .ties import SCOPES
+from mergelib.methods.common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
+from mergelib.methods.registry import CodeNote, register
+from mergelib.methods.ties import SCOPES
 
 OUTLIER_FRACTION = 0.01  # magnitudes are clamped at the 1 % and 99 % order statistics
 WEIGHT_FLOOR = 1e-12

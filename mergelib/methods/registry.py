@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import ParameterError, ParameterValueError, TensorError, lookup
-from .common import HALF_DTYPES, Flag, Integer, Number, StateDict, Text, check_tensor, non_finite_count, resolve_device
+from mergelib.errors import ParameterError, ParameterValueError, TensorError, lookup
+from mergelib.methods.common import HALF_DTYPES, Flag, Integer, Number, StateDict, Text, check_tensor, non_finite_count, resolve_device
 
 #: A parameter check: ``check(name, value)`` raises a ParameterValueError naming the parameter.
 Check = Callable[[str, Any], None]

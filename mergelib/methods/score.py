@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .common import (
+from mergelib.methods.common import (
     Choice,
     Flag,
     Fraction,
@@ -46,8 +46,8 @@ from .common import (
     rank_per_task,
     shared_basis,
 )
-from .factors import projection, shared_basis_of
-from .registry import CodeNote, register
+from mergelib.methods.factors import projection, shared_basis_of
+from mergelib.methods.registry import CodeNote, register
 
 KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
 TRIM_STATISTICS = ("released", "off_diagonal")

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .common import StateDict, merge_per_key
-from .registry import CodeNote, register
+from mergelib.methods.common import StateDict, merge_per_key
+from mergelib.methods.registry import CodeNote, register
 
 
 @register(

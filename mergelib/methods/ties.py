@@ -39,8 +39,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
-from .registry import CodeNote, register
+from mergelib.methods.common import Choice, Fraction, StateDict, compute_dtype, merge_per_key, resolve_device, stacked
+from mergelib.methods.registry import CodeNote, register
 
 SCOPES = ("global", "per_tensor")
 

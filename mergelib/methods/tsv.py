@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .common import (
+from mergelib.methods.common import (
     StateDict,
     is_all_zero,
     is_matrix,
@@ -29,8 +29,8 @@ from .common import (
     merge_per_key,
     rank_per_task,
 )
-from .factors import concatenation_polars
-from .registry import CodeNote, register
+from mergelib.methods.factors import concatenation_polars
+from mergelib.methods.registry import CodeNote, register
 
 
 def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:

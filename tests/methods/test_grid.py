@@ -1,0 +1,181 @@
+"""merge_grid: each expert decomposed once, results bitwise equal to merging one (fold, method) at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergelib
+from mergelib.methods import grid as grid_module
+from mergelib.experiments.ablations import score_ablation_specs
+from mergelib.errors import ParameterError, ParameterValueError, UnknownNameError
+from mergelib.methods import common, factors, parse_method_spec
+from mergelib.methods.factors import FactorCache
+
+BLOCK = "visual.transformer.resblocks.0."
+SHAPES = {
+    BLOCK + "attn.in_proj_weight": (36, 12),   # tall: Gram route of truncated_svd
+    BLOCK + "attn.out_proj.weight": (12, 12),  # square: SVD route
+    BLOCK + "mlp.c_fc.weight": (24, 12),
+    BLOCK + "mlp.c_proj.weight": (12, 24),     # wide
+    BLOCK + "ln_1.weight": (12,),
+    "visual.proj": (12, 8),
+}
+SVD_METHODS = [v.spec for v in score_ablation_specs(z_values=[1.0], rank_fractions=[0.5, 1.0], n_domains=5)] + [
+    "tsv_m", "iso_c", "iso_cts", "esm[decomposition=svd]", "esm[decomposition=svd, rank_budget=min_dim]"]
+
+
+def _experts(count=5, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    shared = {k: torch.randn(s, generator=generator, dtype=dtype) for k, s in SHAPES.items()}
+    return {f"d{i}": {k: 0.5 * shared[k] + torch.randn(s, generator=generator, dtype=dtype) for k, s in SHAPES.items()}
+            for i in range(count)}
+
+
+def _one_at_a_time(experts, fold, method):
+    spec = parse_method_spec(method)
+    return mergelib.merge(spec.name, [experts[n] for n in fold], **spec.params)
+
+
+def _assert_bitwise(a, b, context):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), (context, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_equals_merging_one_at_a_time_bitwise(dtype):
+    experts = _experts(dtype=dtype)
+    names = list(experts)
+    folds = [[n for n in names if n != held] for held in names]  # leave-one-out, T = 4
+    folds += [names[:2], names[1:4], list(reversed(names))]      # other sizes: another rank per task
+    methods = SVD_METHODS + ["task_arithmetic"]
+    seen = []
+    for fold, method, merged in mergelib.merge_grid(experts, folds, methods):
+        _assert_bitwise(merged, _one_at_a_time(experts, fold, method), (fold, method))
+        seen.append((tuple(fold), method))
+    assert sorted(seen) == sorted((tuple(f), m) for f in folds for m in methods)
+    # folds in the order given, every method of a fold before the next fold
+    assert [f for f, _ in seen[:: len(methods)]] == [tuple(f) for f in folds]
+
+
+def test_each_expert_is_decomposed_once_per_rank_and_each_fold_basis_once(monkeypatch):
+    experts = _experts()
+    names = list(experts)
+    folds = [[n for n in names if n != held] for held in names]
+    methods = ["score", "score[keep=diagonal]", "score[z=1.0]", "score[complete_basis=false]", "tsv_m"]
+    caches = []
+
+    class Recording(FactorCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+        def clear(self):  # keep the tallies readable after the grid
+            self.final_counts = dict(self.counts)
+            super().clear()
+
+    monkeypatch.setattr(grid_module, "FactorCache", Recording)
+    decompositions = []
+    original = factors.truncated_svd
+    monkeypatch.setattr(factors, "truncated_svd", lambda stack, k: decompositions.append(len(stack)) or original(stack, k))
+    for _ in mergelib.merge_grid(experts, folds, methods):
+        pass
+    matrices = sum(len(s) == 2 for s in SHAPES.values())
+    counts = caches[0].final_counts
+    assert sum(decompositions) == counts["triplets computed"] == len(names) * matrices  # T = 4 in every fold: one k
+    assert counts["triplets computed"] + counts["triplets reused"] == len(folds) * 4 * matrices  # one lookup per fold
+    # polar factors once per fold and matrix, shared by the four SCORE variants and TSV-M
+    assert counts["polars computed"] == len(folds) * matrices
+    # projections: once per fold, matrix and basis (completed or not), shared by the keep/z variants
+    assert counts["projection computed"] == len(folds) * matrices * 2
+    assert counts["projection reused"] == len(folds) * matrices * 2
+
+
+def test_truncated_svd_of_a_batch_is_each_matrix_alone_bitwise_even_with_a_rank_deficient_member():
+    generator = torch.Generator().manual_seed(3)
+    for shape in [(40, 12), (12, 40), (16, 16)]:
+        stack = torch.randn(4, *shape, generator=generator)
+        stack[2] = torch.randn(shape[0], 2, generator=generator) @ torch.randn(2, shape[1], generator=generator)
+        batched = common.truncated_svd(stack, 4)  # task 2's top 4 has zero singular values: its own fallback
+        for t in range(4):
+            alone = common.truncated_svd(stack[t], 4)
+            for part_batched, part_alone in zip(batched, alone):
+                assert torch.equal(part_batched[t], part_alone), (shape, t)
+
+
+def test_cached_factors_are_invalidated_when_a_task_vector_changes():
+    experts = _experts()
+    fold = list(experts)[:3]
+    key = BLOCK + "attn.in_proj_weight"
+    with FactorCache() as cache:
+        mergelib.merge("score", [experts[n] for n in fold])
+        experts[fold[1]][key].mul_(-2.0).add_(1.0)  # in place: bumps the version counter
+        changed = mergelib.merge("score", [experts[n] for n in fold])
+        assert cache.counts["triplets computed"] > 0
+    _assert_bitwise(changed, _one_at_a_time(experts, fold, "score"), "after an in-place change")
+    # and in the grid: a change between two yields reaches the later merges
+    names = list(experts)
+    folds = [names[:3], names[:3], names[1:4]]
+    for index, (fold, method, merged) in enumerate(mergelib.merge_grid(experts, folds, ["score", "tsv_m"])):
+        _assert_bitwise(merged, _one_at_a_time(experts, fold, method), (index, method))
+        if index == 1:
+            experts[names[1]][key].add_(0.5)
+        if index == 3:
+            experts[names[2]] = {k: v.flip(0) if v.ndim == 2 else v for k, v in experts[names[2]].items()}
+
+
+def test_grid_memory_is_bounded_by_the_cached_factors_and_released_at_the_end(monkeypatch):
+    experts = _experts(count=6)
+    names = list(experts)
+    folds = [[n for n in names if n != held] for held in names]
+    methods = [v.spec for v in score_ablation_specs(n_domains=6)] + ["tsv_m"]
+    caches, peaks = [], []
+
+    class Recording(FactorCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+        def fold_entry(self, *args):
+            value = super().fold_entry(*args)
+            peaks.append(self.nbytes)
+            return value
+
+    monkeypatch.setattr(grid_module, "FactorCache", Recording)
+    expert_bytes = sum(t.numel() * t.element_size() for v in experts.values() for t in v.values())
+    outputs = 0
+    for _ in mergelib.merge_grid(experts, folds, methods):
+        outputs += 1
+    assert outputs == len(folds) * len(methods)
+    # the triplets of every expert (three ranks) plus one group's bases and projections
+    assert max(peaks) < 2 * expert_bytes, (max(peaks), expert_bytes)
+    assert caches[0].live_tensors == 0  # nothing left once the grid is done
+
+
+@pytest.mark.parametrize("folds, methods, error", [
+    ([["d0", "nope"]], ["score"], UnknownNameError),
+    ([["d0", "d1"], []], ["score"], ParameterError),
+    ([["d0", "d0", "d1"]], ["score"], ParameterError),
+    ("d0", ["score"], ParameterError),
+    ([["d0", "d1"]], ["score[keep=diagonal"], ParameterError),
+    ([["d0", "d1"]], ["scor"], UnknownNameError),
+    ([["d0", "d1"]], ["score[kep=diagonal]"], ParameterError),
+    ([["d0", "d1"]], ["score[keep=everything]"], ParameterValueError),
+    ([["d0", "d1"]], ["score", "score"], ParameterError),
+    ([["d0", "d1"]], [], ParameterError),
+])
+def test_bad_inputs_are_refused_before_any_decomposition(monkeypatch, folds, methods, error):
+    experts = _experts(count=3)
+    calls = []
+    monkeypatch.setattr(factors, "truncated_svd", lambda *a: calls.append(a))
+    monkeypatch.setattr(common, "svd", lambda *a: calls.append(a))
+    with pytest.raises(error):
+        mergelib.merge_grid(experts, folds, methods)  # raises at the call, not at the first merge
+    assert calls == []
+
+
+def test_grid_order_groups_methods_that_share_factors():
+    specs = [parse_method_spec(s) for s in
+             ["iso_c", "score", "score[rank_fraction=0.5, complete_basis=false]", "tsv_m", "score[keep=diagonal]", "ties"]]
+    assert grid_module.grid_order(specs) == [1, 3, 4, 2, 0, 5]
