@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,12 +32,3 @@ def tiny_clip(tiny_config, cache_dir):
     clip, manifest = pretrained_tiny_clip(tiny_config.pretrain, cache_dir, progress=False)
     return clip
 
-
-def executions(log_dir: Path) -> dict[int, int]:
-    """How many times each x of the ``sleep-and-square`` job kind was executed (each execution
-    leaves one ``x<N>-*.run`` file in its ``log_dir``): the sweep and lock tests count reruns."""
-    counts: dict[int, int] = {}
-    for path in log_dir.glob("x*.run"):
-        x = int(path.name[1:].split("-")[0])
-        counts[x] = counts.get(x, 0) + 1
-    return counts

@@ -34,9 +34,10 @@ never in ``__main__`` (a script or notebook); :func:`run_sweep` passes the defin
 worker, which imports it. A kind may also be named ``"package.module:function"``; the worker
 imports that module and calls the function without prior registration.
 
-Built-in kinds: ``"merge-files"`` (merge safetensors checkpoints with a registered method, see
-:mod:`mergelib.io.merge_files`; writes the merged file and the norms of the task vectors) and
-``"sleep-and-square"`` (a demonstration kind for testing scheduling, kill and resume).
+This module knows no kind itself. The kinds mergelib ships are registered by the modules in
+:data:`BUILT_IN_KIND_MODULES` (``"merge-files"``, :mod:`mergelib.experiments.jobs`), imported
+when a kind is not registered yet, and by :mod:`mergelib.experiments.benchmark_sweeps` (the
+benchmarks' kinds, registered when it is imported).
 
 Not from a paper: this is infrastructure, following no released code.
 """
@@ -190,6 +191,10 @@ def _job_lock(results_dir: str | Path, job: "Job") -> OwnerLock:
 #: Registered job kinds by name, filled by :func:`register_job_kind`.
 JOB_KINDS: dict[str, JobFunction] = {}
 
+#: Modules that register mergelib's general-purpose kinds; :func:`resolve_job_kind` imports them
+#: when it meets a name not registered yet (in this process or on a worker).
+BUILT_IN_KIND_MODULES: tuple[str, ...] = ("mergelib.experiments.jobs",)
+
 
 def _qualified_name(function: Callable) -> str:
     return f"{function.__module__}:{function.__qualname__}"
@@ -226,7 +231,8 @@ def register_job_kind(name: str, function: JobFunction | None = None, *, replace
 
 
 def resolve_job_kind(kind: str) -> JobFunction:
-    """The function of job kind ``kind``: registered, or imported from ``"package.module:function"``."""
+    """The function of job kind ``kind``: registered (by the caller or by one of
+    :data:`BUILT_IN_KIND_MODULES`), or imported from ``"package.module:function"``."""
     if kind in JOB_KINDS:
         return JOB_KINDS[kind]
     module_name, colon, attribute = kind.partition(":")
@@ -243,7 +249,19 @@ def resolve_job_kind(kind: str) -> JobFunction:
         if not callable(target):
             raise ParameterValueError(f"job kind {kind!r}: {attribute!r} in {module_name!r} is not callable")
         return target
+    for module in BUILT_IN_KIND_MODULES:
+        importlib.import_module(module)
     return lookup(JOB_KINDS, "job kind", kind)
+
+
+def check_job_params(kind: str, params: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """For the functions of job kinds: raise a :class:`~mergelib.errors.ParameterValueError`
+    naming the unknown and the missing parameters of a job."""
+    required, valid = set(required), set(required) | set(optional)
+    unknown, missing = sorted(set(params) - valid), sorted(required - set(params))
+    if unknown or missing:
+        raise ParameterValueError(f"{kind} job: unknown parameters {unknown}, missing {missing}; "
+                                  f"valid parameters: {', '.join(sorted(valid))}")
 
 
 def _worker_modules(jobs: Sequence[Job], executor: str) -> tuple[str, ...]:
@@ -792,79 +810,3 @@ def sweep_results(jobs: Iterable[Job], results_dir: str | Path) -> "pd.DataFrame
         rows.append({"job_id": job.id, "kind": job.kind, **job.params, **outputs,
                      "seconds": record.get("timings", {}).get("seconds", math.nan)})
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["job_id", "kind", "seconds"])
-
-
-# --------------------------------------------------------------------------- built-in kinds
-
-
-def check_job_params(kind: str, params: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = ()) -> None:
-    """Raise a :class:`~mergelib.errors.ParameterValueError` naming the unknown and the missing parameters of a job."""
-    required, valid = set(required), set(required) | set(optional)
-    unknown, missing = sorted(set(params) - valid), sorted(required - set(params))
-    if unknown or missing:
-        raise ParameterValueError(f"{kind} job: unknown parameters {unknown}, missing {missing}; "
-                                  f"valid parameters: {', '.join(sorted(valid))}")
-
-
-MERGE_FILES_PARAMETERS = {"method", "pretrained", "experts", "parameters", "alpha", "prefix", "device"}
-
-
-@register_job_kind("merge-files")
-def merge_files_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Merge safetensors experts into a pretrained file with a registered method.
-
-    params: ``method`` (a name of :data:`mergelib.METHODS`), ``pretrained`` (path), ``experts``
-    (paths), optional ``parameters`` (the method's), ``alpha`` (1.0), ``prefix`` ("": every
-    floating-point tensor; "visual." for the image encoder) and ``device``. Use absolute paths:
-    workers may start elsewhere. Writes ``merged.safetensors`` (its manifest in its header) in the
-    working directory, via :func:`mergelib.io.merge_files.merge_checkpoint_files`. Outputs: the merged
-    file, its SHA-256, and the Frobenius norms of each expert's task vector and of the update
-    applied to the pretrained weights (``merged - pretrained``, i.e. ``alpha`` times the merged
-    task vector up to float rounding), over the merged tensors.
-    """
-    from mergelib.io.merge_files import load_safetensors, merge_checkpoint_files
-
-    check_job_params("merge-files", params, ("method", "pretrained", "experts"), MERGE_FILES_PARAMETERS)
-    experts = params["experts"]
-    if isinstance(experts, str) or not experts:
-        raise ParameterValueError(f"merge-files job: 'experts' must be a non-empty list of paths, got {experts!r}")
-    prefix = params.get("prefix", "")
-    output = Path(workdir) / "merged.safetensors"
-    manifest = merge_checkpoint_files(
-        params["method"], params["pretrained"], experts, output, parameters=params.get("parameters") or {},
-        alpha=float(params.get("alpha", 1.0)), prefix=prefix, device=params.get("device"),
-    )
-    pretrained = {k: v for k, v in load_safetensors(params["pretrained"]).items()
-                  if k.startswith(prefix) and v.is_floating_point()}
-
-    def distance(state: Mapping[str, Any]) -> float:  # ||state - pretrained|| over the merged tensors
-        return math.sqrt(sum(float((state[k].double() - v.double()).square().sum()) for k, v in pretrained.items()))
-
-    return {
-        "merged_file": str(output.resolve()),
-        "merged_sha256": manifest["sha256"],
-        "method": params["method"],
-        "n_experts": len(experts),
-        "n_tensors": len(pretrained),
-        "expert_task_vector_norms": [distance(load_safetensors(path)) for path in experts],
-        "merged_update_norm": distance(load_safetensors(output)),
-    }
-
-
-@register_job_kind("sleep-and-square")
-def sleep_and_square(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Demonstration kind: sleep ``seconds`` (default 1.0), return ``{"square": x * x}``.
-
-    With ``log_dir``, each execution first leaves one file there (``x{x}-{pid}-{ns}.run``), so
-    that the number of executions of each job can be counted (tests of kill and resume).
-    With ``fail: true`` it raises ``ValueError`` after sleeping (tests of failure handling).
-    """
-    x = params["x"]
-    if params.get("log_dir"):
-        log_dir = Path(params["log_dir"])
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / f"x{x}-{os.getpid()}-{time.time_ns()}.run").touch()
-    time.sleep(float(params.get("seconds", 1.0)))
-    if params.get("fail"):
-        raise ValueError(f"sleep-and-square asked to fail for x={x}")
-    return {"square": x * x}

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergelib
-from conftest import executions
 from mergelib.errors import ParameterValueError, UnknownNameError
 from mergelib.experiments.sweep import (
     JOB_KINDS,
@@ -37,12 +36,7 @@ from mergelib.experiments.sweep import (
     sweep_status,
 )
 from mergelib.task_vectors import task_vector
-
-
-def square_jobs(log_dir: Path, xs, **extra) -> list[Job]:
-    return [Job("sleep-and-square", {"x": x, "seconds": 0.0, "log_dir": str(log_dir), **extra}) for x in xs]
-
-
+from sweep_jobs import executions, square_jobs
 
 
 def sum_of_inputs(params, workdir, *, inputs):
@@ -151,7 +145,7 @@ def test_kinds_defined_in_main_are_refused_for_submitit_workers(tmp_path):
         JOB_KINDS.pop("test-lost-module")
     assert report.failed[0].error.startswith("ParameterValueError: job test-lost-module-")
     assert "cannot import module 'no_such_module_abc', which defines job kind 'test-lost-module'" in report.failed[0].error
-    with pytest.raises(ParameterValueError, match="already registered to mergelib.experiments.sweep:sleep_and_square"):
+    with pytest.raises(ParameterValueError, match="already registered to sweep_jobs:sleep_and_square"):
         register_job_kind("sleep-and-square", sum_of_inputs)
 
 
@@ -233,9 +227,9 @@ def test_a_failing_job_keeps_the_other_results_and_blocks_its_dependants(tmp_pat
 
 
 def test_kinds_named_by_import_path_run_without_registration(tmp_path):
-    job = Job("mergelib.experiments.sweep:sleep_and_square", {"x": 5, "seconds": 0.0})
+    job = Job("sweep_jobs:sleep_and_square", {"x": 5, "seconds": 0.0})
     report = run_sweep([job], tmp_path)
-    assert report.completed == [job.id] and job.record_path(tmp_path).parent.name == "mergelib.experiments.sweep_sleep_and_square"
+    assert report.completed == [job.id] and job.record_path(tmp_path).parent.name == "sweep_jobs_sleep_and_square"
     assert load_record(job, tmp_path)["outputs"] == {"square": 25}
     assert execute_job(job, tmp_path)["timings"] == load_record(job, tmp_path)["timings"]  # done: not rerun
 
@@ -282,10 +276,19 @@ def test_merge_files_job_through_submitit_debug_matches_a_direct_merge(tmp_path)
         execute_job(Job("merge-files", {"method": "ties", "pretrained": "p", "coef": 1}), tmp_path / "results")
 
 
+def test_built_in_kinds_are_found_by_name_in_a_fresh_interpreter():
+    """A worker (or a script) that imported only the sweep module still knows ``merge-files``."""
+    script = ("from mergelib.experiments.sweep import JOB_KINDS, resolve_job_kind; "
+              "assert 'merge-files' not in JOB_KINDS; print(resolve_job_kind('merge-files').__module__)")
+    found = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "mergelib.experiments.jobs"
+
+
 # ------------------------------------------------------------------ submitit local: kill, resume
 
 SWEEP_SCRIPT = textwrap.dedent("""
     import sys
+    import sweep_jobs  # registers the kind sleep-and-square (tests/ is on PYTHONPATH)
     from mergelib.experiments.sweep import Job, run_sweep
     results, log = sys.argv[1], sys.argv[2]
     jobs = [Job("sleep-and-square", {"x": x, "seconds": 1.0, "log_dir": log}) for x in range(6)]

@@ -15,6 +15,7 @@ from mergelib.io.checkpoints import cached_tables, new_file_mode, save_state
 from mergelib.io.merge_files import merge_checkpoint_files
 from mergelib.io.provenance import write_json
 from mergelib.experiments.sweep import Job, execute_job
+import sweep_jobs  # noqa: F401 (registers the job kind sleep-and-square)
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

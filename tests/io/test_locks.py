@@ -16,16 +16,10 @@ from pathlib import Path
 import pytest
 
 from mergelib.io.locks import FOREIGN_STALE_SECONDS, LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
-from conftest import executions
 from mergelib.experiments.sweep import Job, check_record, execute_job, load_record, run_sweep, sweep_lock_path, sweep_status
+from sweep_jobs import executions, square_jobs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def square_jobs(log_dir: Path, xs, seconds: float = 0.0) -> list[Job]:
-    return [Job("sleep-and-square", {"x": x, "seconds": seconds, "log_dir": str(log_dir)}) for x in xs]
-
-
 
 
 def wait_for(condition, seconds: float = 30.0) -> None:
@@ -210,7 +204,7 @@ def test_an_expert_lock_left_by_a_killed_fine_tuning_is_taken_over_or_cleared(tm
 def test_a_job_run_by_another_live_process_is_waited_for_not_run_again(tmp_path):
     results, log = tmp_path / "results", tmp_path / "log"
     job = square_jobs(log, [3], seconds=1.5)[0]
-    script = ("import sys, json; from mergelib.experiments.sweep import Job, execute_job; "
+    script = ("import sys, json, sweep_jobs; from mergelib.experiments.sweep import Job, execute_job; "
               "execute_job(Job('sleep-and-square', json.loads(sys.argv[1])), sys.argv[2])")
     other = subprocess.Popen([sys.executable, "-c", script, json.dumps(job.params), str(results)], env=ENV)
     lock = job.record_path(results).with_suffix(".lock")
@@ -223,6 +217,7 @@ def test_a_job_run_by_another_live_process_is_waited_for_not_run_again(tmp_path)
 
 CONCURRENT = textwrap.dedent("""
     import sys
+    import sweep_jobs  # registers the kind sleep-and-square (tests/ is on PYTHONPATH)
     from mergelib.experiments.sweep import Job, SweepLockedError, run_sweep
     results, log, go = sys.argv[1:4]
     jobs = [Job("sleep-and-square", {"x": x, "seconds": 0.5, "log_dir": log}) for x in range(3)]
@@ -289,6 +284,7 @@ def test_the_cli_refuses_a_second_sweep_with_exit_status_3_and_status_still_work
 KILL_AT_RENAME = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
+    import sweep_jobs  # registers the kind sleep-and-square (tests/ is on PYTHONPATH)
     from mergelib.experiments.sweep import Job, run_sweep
     results, log, when = sys.argv[1], sys.argv[2], sys.argv[3]
     real_replace, real_rename, seen = os.replace, os.rename, []
