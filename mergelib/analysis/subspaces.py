@@ -114,6 +114,7 @@ from mergelib.methods.common import (
     stacked,
     svd,
 )
+from mergelib.methods.registry import check_task_vector_list
 from mergelib.methods.score import score_basis, trim_mask, trim_statistics
 
 DEFAULT_ENERGY = 0.97  # tau of the released SAR scripts
@@ -136,16 +137,6 @@ def layer_info(key: str) -> tuple[int | None, str]:
     if block is not None:
         return block
     return None, key[len(VISUAL_PREFIX):] if key.startswith(VISUAL_PREFIX) else key
-
-
-def _check_task_vectors(task_vectors, minimum: int) -> None:
-    if isinstance(task_vectors, Mapping) or not isinstance(task_vectors, Sequence):
-        raise ParameterValueError("task_vectors must be a list of task vectors (dicts: parameter name -> tensor)")
-    if len(task_vectors) < minimum:
-        raise ParameterValueError(f"need at least {minimum} task vectors, got {len(task_vectors)}")
-    for index, vector in enumerate(task_vectors):
-        if not isinstance(vector, Mapping):
-            raise ParameterValueError(f"task vector {index} is a {type(vector).__name__}, not a dict of tensors")
 
 
 def _resolve_keys(task_vectors, keys) -> list[str]:
@@ -281,7 +272,7 @@ def _sar_layers(
     task_vectors, energy, keys, sides, device, dtype, zero_layers
 ) -> Iterator[tuple[str, torch.Tensor, list[int]]]:
     """``(key, SAR [T, T] on the CPU, ranks)`` for every analysed layer, one layer on the device at a time."""
-    _check_task_vectors(task_vectors, 2)
+    task_vectors = check_task_vector_list(task_vectors, 2, "compare their subspaces")
     check_fraction("energy", energy, zero_ok=False, one_ok=False)
     check_choice("sides", sides, SIDES)
     check_choice("zero_layers", zero_layers, ZERO_LAYERS)
@@ -338,7 +329,7 @@ def sar_per_layer(
         dtype: compute precision (float64 by default).
         zero_layers: ``"skip"`` (with a warning) or ``"raise"`` on layers where a task is exactly zero.
     """
-    _check_task_vectors(task_vectors, 2)
+    task_vectors = check_task_vector_list(task_vectors, 2, "compare their subspaces")
     names = _resolve_names(names, len(task_vectors))
     columns = {name: [] for name in ("key", "projected", "source", "sar", "rank_source")}
     tasks = len(names)
@@ -394,7 +385,7 @@ def singular_spectra(
     an all-zero matrix). ``energy_rank`` of a task is the number of its rows with
     ``energy <= tau``.
     """
-    _check_task_vectors(task_vectors, 1)
+    task_vectors = check_task_vector_list(task_vectors, 1, "compute their spectra")
     keys = _resolve_keys(task_vectors, keys)
     names = _resolve_names(names, len(task_vectors))
     device = resolve_device(device)
@@ -599,7 +590,7 @@ def interference_per_layer(
     (an integer larger than a layer's min(m, n) raises); layers where a task is exactly zero are
     skipped with a warning (``zero_layers="skip"``) or raise (``"raise"``).
     """
-    _check_task_vectors(task_vectors, 2)
+    task_vectors = check_task_vector_list(task_vectors, 2, "measure their interference")
     check_choice("zero_layers", zero_layers, ZERO_LAYERS)
     keys = _resolve_keys(task_vectors, keys)
     device = resolve_device(device)

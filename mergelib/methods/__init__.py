@@ -18,6 +18,7 @@ from mergelib.methods.registry import (
     MergeMethod,
     MethodSpec,
     check_method_parameters,
+    check_task_vector_list,
     merge,
     parse_method_spec,
     parse_parameter_value,
@@ -30,5 +31,5 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
         importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "CodeNote", "MergeMethod", "MethodSpec", "check_method_parameters", "merge", "parse_method_spec",
-           "parse_parameter_value", "register", "validate_task_vectors"]
+__all__ = ["METHODS", "CodeNote", "MergeMethod", "MethodSpec", "check_method_parameters", "check_task_vector_list", "merge",
+           "parse_method_spec", "parse_parameter_value", "register", "validate_task_vectors"]

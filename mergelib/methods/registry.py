@@ -220,24 +220,43 @@ def check_method_parameters(name: str, params: Mapping[str, Any]) -> dict[str, A
     return complete
 
 
-def validate_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
-    """Check that the task vectors can be merged; return them as a list.
+def check_task_vector_list(
+    task_vectors: Sequence[Mapping[str, torch.Tensor]], minimum: int = 1, purpose: str = "merge"
+) -> list[Mapping[str, torch.Tensor]]:
+    """``task_vectors`` as a list, after checking the container: a sequence (not one dict) of at
+    least ``minimum`` dicts, one per task. ``purpose`` completes the messages ("cannot merge an
+    empty list ...", "need at least 2 task vectors to compare subspaces, ...").
 
-    They must be a non-empty sequence of dicts with identical keys (at least one), shapes, dtypes
-    and devices, of floating-point tensors with data (not meta tensors) and without NaN or Inf.
+    Raises :class:`~mergelib.errors.ParameterError` for a container or an element of the wrong
+    type, :class:`~mergelib.errors.TensorError` for an empty list and
+    :class:`~mergelib.errors.ParameterValueError` for too few task vectors. The tensors are checked
+    by :func:`validate_task_vectors` (every tensor, to merge) or by the caller (the layers it uses).
     """
-    if isinstance(task_vectors, Mapping) or isinstance(task_vectors, (str, bytes, torch.Tensor)) or not isinstance(
-        task_vectors, Sequence
-    ):
-        raise ParameterError(
-            f"task_vectors must be a sequence of dicts (one per task), not a {type(task_vectors).__name__}")
+    if isinstance(task_vectors, (Mapping, str, bytes, torch.Tensor)) or not isinstance(task_vectors, Sequence):
+        raise ParameterError(f"task_vectors must be a sequence of dicts (one per task: parameter name -> tensor), "
+                             f"not a {type(task_vectors).__name__}")
     vectors = list(task_vectors)
     if not vectors:
-        raise TensorError("cannot merge an empty list of task vectors; give at least one")
-    first = vectors[0]
+        at_least = "one" if minimum == 1 else minimum
+        raise TensorError(f"cannot {purpose} an empty list of task vectors; give at least {at_least}")
+    if len(vectors) < minimum:
+        raise ParameterValueError(f"need at least {minimum} task vectors to {purpose}, got {len(vectors)}")
     for index, vector in enumerate(vectors):
         if not isinstance(vector, Mapping):
             raise ParameterError(f"task vector {index} is a {type(vector).__name__}, not a dict of tensors")
+    return vectors
+
+
+def validate_task_vectors(task_vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
+    """Check that the task vectors can be merged; return them as a list.
+
+    They must be a non-empty sequence of dicts (:func:`check_task_vector_list`) with identical
+    keys (at least one), shapes, dtypes and devices, of floating-point tensors with data (not meta
+    tensors) and without NaN or Inf.
+    """
+    vectors = check_task_vector_list(task_vectors)
+    first = vectors[0]
+    for index, vector in enumerate(vectors):
         if not vector:
             raise TensorError(f"task vector {index} has no tensors; a task vector maps parameter names to tensors")
         if vector.keys() != first.keys():

@@ -297,9 +297,9 @@ def test_zero_layers_are_skipped_with_a_warning_or_raise():
 
 def test_sar_input_errors():
     tvs = _task_vectors(tasks=2)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="need at least 2 task vectors to compare their subspaces, got 1"):
         sar_matrix(tvs[:1])
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="task_vectors must be a sequence of dicts"):
         sar_matrix(tvs[0])  # a single dict, not a list
     with pytest.raises(ValueError, match="sides"):
         sar_matrix(tvs, sides="right")

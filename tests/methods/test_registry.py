@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mergelib
-from mergelib.errors import ParameterError, UnknownNameError
-from mergelib.methods import METHODS, merge, register
+from mergelib.errors import ParameterError, ParameterValueError, TensorError, UnknownNameError
+from mergelib.methods import METHODS, check_task_vector_list, merge, register
 
 
 def _vectors(count=3, seed=0, dtype=torch.float32):
@@ -85,6 +85,22 @@ def test_unknown_method_and_parameter():
 def test_bad_task_vectors_get_clear_errors(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         merge("task_arithmetic", make())
+
+
+def test_the_container_check_is_shared_by_merges_and_analyses():
+    """check_task_vector_list: one check of the list of task vectors (mergelib.analysis.subspaces checks its layers)."""
+    vectors = _vectors(2)
+    assert check_task_vector_list(tuple(vectors), 2, "compare") == vectors
+    with pytest.raises(ParameterError, match=r"task_vectors must be a sequence of dicts .*, not a dict"):
+        check_task_vector_list(vectors[0])
+    with pytest.raises(ParameterError, match="task vector 1 is a list, not a dict of tensors"):
+        check_task_vector_list([vectors[0], [1.0]])
+    with pytest.raises(TensorError, match="cannot merge an empty list of task vectors; give at least one"):
+        check_task_vector_list([])
+    with pytest.raises(TensorError, match="cannot compare an empty list of task vectors; give at least 2"):
+        check_task_vector_list([], 2, "compare")
+    with pytest.raises(ParameterValueError, match="need at least 2 task vectors to compare, got 1"):
+        check_task_vector_list(vectors[:1], 2, "compare")
 
 
 def test_registering_needs_defaults_and_unique_names():
