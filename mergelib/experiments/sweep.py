@@ -64,6 +64,7 @@ from mergelib.io.checkpoints import atomic_write, config_hash, remove_stale_temp
 from mergelib.errors import MergelibError, ParameterValueError, lookup
 from mergelib.io.locks import DEFAULT_WAIT_SECONDS, LockHeldError, OwnerLock, lock_holder
 from mergelib.io.provenance import code_fingerprint, git_state, provenance
+from mergelib.methods.common import is_list_like
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -302,7 +303,7 @@ def grid(
     """
     fixed = dict(fixed or {})
     for name, values in axes.items():
-        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Sequence):
+        if not is_list_like(values):
             raise ParameterValueError(
                 f"grid axis {name!r} must be a list of values, got {values!r}; put a parameter shared "
                 f"by all jobs in fixed={{{name!r}: ...}}"

@@ -238,15 +238,17 @@ class OwnerLock:
             owner = LockOwner.from_json(text)
         except (OSError, ValueError, KeyError, TypeError):
             return False  # no lock, or not one to judge: left alone
+        return self._remove_if_stale(owner, text, "removing")
+
+    def _remove_if_stale(self, owner: LockOwner, text: str, action: str) -> bool:
+        """If ``owner`` (read from the lock file's ``text``) is gone, say so (``action``: what is done
+        about it) and remove its lock; whether it was stale."""
         if owner.alive(_refreshed(self.path)) is not False:
             return False
-        self._notice_stale(owner, "removing")
-        self._remove_stale(text)
-        return True
-
-    def _notice_stale(self, owner: LockOwner, action: str) -> None:
         _notice(f"{action} stale lock {self.path} of pid {owner.pid} on host {owner.host} (started "
                 f"{owner.since}), whose process is gone")
+        self._remove_stale(text)
+        return True
 
     def try_acquire(self) -> LockOwner | None:
         """Take the lock (taking over a stale one); return None, or the owner that holds it."""
@@ -270,10 +272,8 @@ class OwnerLock:
                 raise LockHeldError(
                     f"{self.path} is not a lock file mergelib can read ({error}); it blocks {self.purpose}. If no "
                     f"mergelib run uses this folder, delete {self.path} and rerun", self.path, None) from None
-            if owner.alive(_refreshed(self.path)) is not False:
+            if not self._remove_if_stale(owner, text, "taking over"):
                 return owner
-            self._notice_stale(owner, "taking over")
-            self._remove_stale(text)
         raise LockHeldError(f"{self.path}: could not take the lock (it kept changing hands)", self.path, None)
 
     def message(self, owner: LockOwner) -> str:

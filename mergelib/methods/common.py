@@ -104,6 +104,12 @@ def require_keys(mapping: Mapping[str, object], keys: Iterable[str], *, what: st
 # and the analyses call them directly. Each raises ParameterValueError naming the parameter.
 
 
+def is_list_like(value: object) -> bool:
+    """Whether an argument is a list of items: a sequence (list, tuple, ...), not a string, bytes or
+    a mapping (which a plain ``isinstance(value, Sequence)`` would let through or read item by item)."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, Mapping))
+
+
 def check_fraction(name: str, value: object, *, zero_ok: bool, one_ok: bool) -> None:
     """Raise unless ``value`` is a finite number (not a bool) in the interval given by the two flags."""
     low, high = ("[" if zero_ok else "("), ("]" if one_ok else ")")

@@ -74,6 +74,7 @@ from mergelib.methods.common import (
     check_tensor,
     describe_keys,
     is_all_zero,
+    is_list_like,
     is_matrix,
     prefix_hint,
     rank_per_task,
@@ -233,7 +234,7 @@ def check_subspaces_argument(name: str, value: object) -> None:
     """
     if value is None:
         return
-    if isinstance(value, (Mapping, str, bytes)) or not isinstance(value, Sequence):
+    if not is_list_like(value):
         raise ParameterValueError(
             f"{name} must be None or a sequence with one dict per task (key -> (eigenvectors, eigenvalues)), "
             f"got {type(value).__name__}"

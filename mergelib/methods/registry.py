@@ -29,7 +29,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from mergelib.errors import ParameterError, ParameterValueError, TensorError, lookup
-from mergelib.methods.common import HALF_DTYPES, Flag, Integer, Number, StateDict, Text, check_tensor, non_finite_count, resolve_device
+from mergelib.methods.common import (
+    HALF_DTYPES, Flag, Integer, Number, StateDict, Text, check_tensor, is_list_like, non_finite_count, resolve_device,
+)
 
 #: A parameter check: ``check(name, value)`` raises a ParameterValueError naming the parameter.
 Check = Callable[[str, Any], None]
@@ -232,7 +234,7 @@ def check_task_vector_list(
     :class:`~mergelib.errors.ParameterValueError` for too few task vectors. The tensors are checked
     by :func:`validate_task_vectors` (every tensor, to merge) or by the caller (the layers it uses).
     """
-    if isinstance(task_vectors, (Mapping, str, bytes, torch.Tensor)) or not isinstance(task_vectors, Sequence):
+    if not is_list_like(task_vectors):
         raise ParameterError(f"task_vectors must be a sequence of dicts (one per task: parameter name -> tensor), "
                              f"not a {type(task_vectors).__name__}")
     vectors = list(task_vectors)
