@@ -68,6 +68,20 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def renamed(module: str, names: dict[str, str]):
+    """A module-level ``__getattr__`` that serves each old name in ``names`` as its new one, with
+    a :class:`DeprecationWarning` (``__getattr__ = renamed(__name__, {"old": "new"})``)."""
+
+    def __getattr__(name: str):
+        if name in names:
+            warnings.warn(f"{module}.{name} is now {module}.{names[name]}; the old name is removed in mergelib 0.3",
+                          DeprecationWarning, stacklevel=2)
+            return getattr(sys.modules[module], names[name])
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def install() -> None:
     """Let ``import mergelib.<old name>`` find its moved module (idempotent)."""
     if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):

@@ -67,24 +67,24 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _replicate_dg(args: argparse.Namespace) -> int:
-    from mergelib.experiments.replication import PAPER_DG_METHODS, check_dg_run, run_domain_generalization
+    from mergelib.experiments.replication import PAPER_DG_METHODS, check_dg_run, replicate_domain_generalization
 
     methods = args.methods or PAPER_DG_METHODS
     for dataset in args.datasets:  # every dataset's names checked before the first one's experts are fine-tuned
         check_dg_run(args.backbone, dataset, methods=methods, precision=args.precision)
     for dataset in args.datasets:
-        results, _ = run_domain_generalization(
+        results, _ = replicate_domain_generalization(
             args.backbone, dataset, data_root=args.data_root, checkpoint_dir=args.checkpoint_dir,
             results_dir=args.results_dir, methods=methods, weights=args.weights,
             device=args.device, precision=args.precision, epochs=args.epochs, batch_size=args.batch_size,
             accumulation_steps=args.accumulation_steps, num_workers=args.workers)
-        means = results.groupby("method")["score"].mean().mul(100).sort_values(ascending=False)
+        means = results.groupby("method")["value"].mean().mul(100).sort_values(ascending=False)
         print(f"[mergelib] {args.backbone} {dataset}: mean over held-out domains (%)\n{means.round(2).to_string()}", flush=True)
     return 0
 
 
 def _replicate_multitask(args: argparse.Namespace) -> int:
-    from mergelib.experiments.replication import PAPER_MT_METHODS, check_multitask_run, finetune_task_experts, run_multitask
+    from mergelib.experiments.replication import PAPER_MT_METHODS, check_multitask_run, finetune_task_experts, replicate_multitask
 
     # every name, and without --finetune every expert, checked before the backbone is loaded
     tasks = check_multitask_run(args.backbone, args.tasks, methods=args.methods or PAPER_MT_METHODS,
@@ -93,7 +93,7 @@ def _replicate_multitask(args: argparse.Namespace) -> int:
         finetune_task_experts(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
                               weights=args.weights, device=args.device, precision=args.precision,
                               num_workers=args.workers, emnist_rotate_flip=args.emnist_rotate_flip)
-    results = run_multitask(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
+    results = replicate_multitask(args.backbone, tasks, data_root=args.data_root, experts_dir=args.experts_dir,
                             results_dir=args.results_dir, methods=args.methods or PAPER_MT_METHODS, weights=args.weights,
                             device=args.device, precision=args.precision, num_workers=args.workers,
                             emnist_rotate_flip=args.emnist_rotate_flip)

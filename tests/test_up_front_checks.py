@@ -19,7 +19,7 @@ from mergelib.data.standins import make_dg_standin
 from mergelib.errors import ParameterError, ParameterValueError, UnknownNameError
 from mergelib.methods import MethodSpec
 from mergelib.experiments.replication import (MissingExpertsError, finetune_task_experts, method_specs, prepare_dg_experiment,
-                                  run_domain_generalization, run_multitask, task_names)
+                                  replicate_domain_generalization, replicate_multitask, task_names)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -140,10 +140,10 @@ def test_sweep_checks_names_and_experts_before_planning(tmp_path, capsys, settin
 
 def test_run_domain_generalization_checks_methods_before_loading_anything(pacs, tmp_path, nothing_loaded):
     with pytest.raises(ParameterError, match=r"has no parameter\(s\) \['zz'\]"):
-        run_domain_generalization("tiny-clip", "PACS", data_root=pacs, checkpoint_dir=tmp_path / "ckpt",
+        replicate_domain_generalization("tiny-clip", "PACS", data_root=pacs, checkpoint_dir=tmp_path / "ckpt",
                                   results_dir=tmp_path / "r", methods=["task_arithmetic", "score[zz=1]"], weights=None)
     with pytest.raises(ParameterValueError, match="PACS has no domains"):
-        run_domain_generalization("tiny-clip", "PACS", data_root=pacs, checkpoint_dir=tmp_path / "ckpt",
+        replicate_domain_generalization("tiny-clip", "PACS", data_root=pacs, checkpoint_dir=tmp_path / "ckpt",
                                   results_dir=tmp_path / "r", domains=["photo", "cubism"])
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "r").exists()
 
@@ -159,11 +159,11 @@ def test_prepare_dg_experiment_checks_the_backbone_before_reading_the_data(tmp_p
 def test_run_multitask_and_finetune_task_experts_check_before_loading_the_backbone(tmp_path, nothing_loaded):
     common = dict(data_root=tmp_path / "data", experts_dir=tmp_path / "experts")
     with pytest.raises(UnknownNameError, match="unknown task 'Mnist'"):
-        run_multitask("tiny-clip", ["MNIST", "Mnist"], results_dir=tmp_path / "r", **common)
+        replicate_multitask("tiny-clip", ["MNIST", "Mnist"], results_dir=tmp_path / "r", **common)
     with pytest.raises(MissingExpertsError, match="no experts for 2 of the 2 tasks .*: MNIST, DTD"):
-        run_multitask("tiny-clip", ["MNIST", "DTD"], results_dir=tmp_path / "r", **common)
+        replicate_multitask("tiny-clip", ["MNIST", "DTD"], results_dir=tmp_path / "r", **common)
     with pytest.raises(ParameterError, match=r"has no parameter\(s\) \['zz'\]"):
-        run_multitask("tiny-clip", ["MNIST"], results_dir=tmp_path / "r", methods=["score[zz=1]"], **common)
+        replicate_multitask("tiny-clip", ["MNIST"], results_dir=tmp_path / "r", methods=["score[zz=1]"], **common)
     with pytest.raises(UnknownNameError, match="unknown task 'Mnist'"):
         finetune_task_experts("tiny-clip", ["Mnist"], **common)
     with pytest.raises(ParameterValueError, match=r"unknown options \['lr'\] for finetune_task_experts"):

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Sequence
 import pandas as pd
 
 from mergelib.protocols.domain_generalization import ENSEMBLE, OWN_EXPERT, ZERO_SHOT
+from mergelib.protocols.results import fixed_coefficient_selected
 from mergelib.errors import ParameterError
 from mergelib.methods import METHODS, parse_method_spec
 from mergelib.methods.esm import DECOMPOSITIONS
@@ -235,31 +236,32 @@ def _rows_at_coefficient_one(results: pd.DataFrame) -> pd.DataFrame:
     """The baselines (coefficient NaN) and the merges at coefficient 1, the domain protocol's rule."""
     if "coefficient" not in results:
         return results
-    return results[results["coefficient"].isna() | (results["coefficient"] == 1.0)]
+    return results[fixed_coefficient_selected(results)]
 
 
-def _with_dataset(results: pd.DataFrame) -> pd.DataFrame:
-    return results if "dataset" in results else results.assign(dataset=SINGLE_DATASET)
+def _with_benchmark(results: pd.DataFrame) -> pd.DataFrame:
+    return results if "benchmark" in results else results.assign(benchmark=SINGLE_DATASET)
 
 
-def per_domain(results: pd.DataFrame, value: str = "score") -> pd.DataFrame:
-    """Held-out folds by methods: ``value`` per (dataset, held-out domain) and method."""
-    frame = _with_dataset(_rows_at_coefficient_one(results))
-    return frame.pivot_table(index=["dataset", "held_out"], columns="method", values=value, aggfunc="mean", sort=False)
+def per_domain(results: pd.DataFrame, value: str = "value") -> pd.DataFrame:
+    """Held-out folds by methods: ``value`` per (benchmark, held-out domain) and method."""
+    frame = _with_benchmark(_rows_at_coefficient_one(results))
+    return frame.pivot_table(index=["benchmark", "held_out"], columns="method", values=value, aggfunc="mean", sort=False)
 
 
-def method_means(results: pd.DataFrame, value: str = "score") -> pd.Series:
+def method_means(results: pd.DataFrame, value: str = "value") -> pd.Series:
     """Per method: the mean over datasets of each dataset's mean over its held-out domains.
 
-    ``results`` are the domain protocol's tidy rows (``method``, ``held_out``, ``value``, and
-    optionally ``dataset`` and ``coefficient``; merges are read at coefficient 1).
+    ``results`` are the domain protocol's rows in the result schema (:mod:`mergelib.protocols.results`:
+    ``method``, ``held_out``, ``value``, and optionally ``benchmark`` and ``coefficient``; merges
+    are read at coefficient 1).
     """
-    per_dataset = per_domain(results, value).groupby(level="dataset", sort=False).mean()
+    per_dataset = per_domain(results, value).groupby(level="benchmark", sort=False).mean()
     return per_dataset.mean(axis=0)
 
 
 def score_ablation_table(
-    results: pd.DataFrame, variants: Sequence[Variant], *, value: str = "score", reference: str = SCORE_DEFAULT
+    results: pd.DataFrame, variants: Sequence[Variant], *, value: str = "value", reference: str = SCORE_DEFAULT
 ) -> pd.DataFrame:
     """One row per variant: its mean (:func:`method_means`), the difference from ``reference``
     and on how many of the held-out folds it beats the reference (strictly). ``results`` may
@@ -279,7 +281,7 @@ def score_ablation_table(
     return pd.DataFrame(rows)
 
 
-def best_method(results: pd.DataFrame, methods: Sequence[str], *, value: str = "score") -> str:
+def best_method(results: pd.DataFrame, methods: Sequence[str], *, value: str = "value") -> str:
     """The method of ``methods`` with the highest :func:`method_means` (the first on ties)."""
     means = method_means(results, value)
     missing = [m for m in methods if m not in means]
@@ -289,7 +291,7 @@ def best_method(results: pd.DataFrame, methods: Sequence[str], *, value: str = "
 
 
 def merge_vs_ensemble(
-    results: pd.DataFrame, merge_methods: Sequence[str], *, value: str = "score", reference: str = SCORE_DEFAULT
+    results: pd.DataFrame, merge_methods: Sequence[str], *, value: str = "value", reference: str = SCORE_DEFAULT
 ) -> tuple[pd.DataFrame, str]:
     """Per held-out fold: zero-shot, ``reference`` (SCORE), the best of ``merge_methods`` (by
     mean over the folds, a choice made after seeing the held-out results), the logit ensemble of

@@ -7,12 +7,12 @@ Job kinds (registered on import; submitit workers import this module):
 * ``dg-fold``: one held-out domain, after every expert of its (backbone, dataset) is done: the
   merges of the other domains' experts and the baselines, with :meth:`mergelib.experiments.replication.DGExperiment.evaluate`;
 * ``dg-collect``: per (backbone, dataset), after its folds: the result store that
-  :func:`mergelib.experiments.replication.run_domain_generalization` writes (one CSV per method,
+  :func:`mergelib.experiments.replication.replicate_domain_generalization` writes (one CSV per method,
   ``matrix.csv``, ``provenance.json``), which the book's results chapter reads;
 * ``mt-finetune``: one task expert of the 8/14/20-task suites, per (backbone, task), with
   :func:`mergelib.experiments.replication.finetune_task_expert` (skipped when the experts are imported);
 * ``mt-merge``: one method on one suite, per (backbone, method): merge, choose alpha on the
-  validation splits and evaluate, with :func:`mergelib.experiments.replication.run_multitask`.
+  validation splits and evaluate, with :func:`mergelib.experiments.replication.replicate_multitask`.
 
 The jobs run the same functions as the one-process commands (``replicate-dg``,
 ``replicate-multitask``) with the same cache keys, so a sweep and a direct run share experts and
@@ -43,7 +43,7 @@ DG_OPTIONS = ("weights", "device", "precision", "epochs", "batch_size", "accumul
 #: Options of the task fine-tuning jobs (keyword arguments of finetune_task_expert, with weights).
 MT_FINETUNE_OPTIONS = ("weights", "device", "precision", "epochs", "batch_size", "accumulation_steps", "num_workers",
                        "finetune_overrides", "emnist_rotate_flip")
-#: Options of the multi-task merge jobs (keyword arguments of run_multitask).
+#: Options of the multi-task merge jobs (keyword arguments of replicate_multitask).
 MT_MERGE_OPTIONS = ("weights", "device", "precision", "eval_batch_size", "num_workers", "esm_proxy_count",
                     "emnist_rotate_flip", "normalize_with")
 
@@ -94,13 +94,13 @@ def dg_fold_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for name, table in (("results", results), ("matrix", matrix)):
         atomic_write(paths[name], lambda tmp, t=table: t.to_csv(tmp, index=False))
     return {"results": str(paths["results"].resolve()), "matrix": str(paths["matrix"].resolve()),
-            "score": results.set_index("method")["score"].to_dict(), "timings": timings}
+            "value": results.set_index("method")["value"].to_dict(), "timings": timings}
 
 
 @register_job_kind("dg-collect")
 def dg_collect_job(params: dict[str, Any], workdir: Path, *, inputs: Mapping[str, dict]) -> dict[str, Any]:
     """Write the result store of one (backbone, dataset) from its fold jobs, in the layout and
-    row order of :func:`mergelib.experiments.replication.run_domain_generalization`."""
+    row order of :func:`mergelib.experiments.replication.replicate_domain_generalization`."""
     from mergelib.io.provenance import git_state
 
     check_job_params("dg-collect", params, (*_DG_BASE, "domains", "methods", "results_dir"), DG_OPTIONS)
@@ -121,8 +121,8 @@ def dg_collect_job(params: dict[str, Any], workdir: Path, *, inputs: Mapping[str
             timings[stage] = timings.get(stage, 0.0) + seconds
     out = experiment.store(results, matrix, params["results_dir"], methods=params["methods"], git=git_state(),
                            timings=timings, experts=experts)
-    means = results.groupby("method", sort=False)["score"].mean()
-    return {"store": str(out.resolve()), "mean_score": means.to_dict(), "n_folds": len(folds)}
+    means = results.groupby("method", sort=False)["value"].mean()
+    return {"store": str(out.resolve()), "mean_value": means.to_dict(), "n_folds": len(folds)}
 
 
 def dg_sweep(
@@ -198,17 +198,17 @@ def mt_finetune_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
 def mt_merge_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """One method on one suite with its released alpha rule; writes ``{method}.csv`` and
     ``{method}.provenance.json`` into the result store."""
-    from mergelib.experiments.replication import method_file_name, run_multitask
+    from mergelib.experiments.replication import method_file_name, replicate_multitask
 
     check_job_params("mt-merge", params, ("backbone", "tasks", "method", "data_root", "experts_dir", "results_dir"),
                 MT_MERGE_OPTIONS)
     label = params["method"]
-    results = run_multitask(params["backbone"], params["tasks"], data_root=params["data_root"],
+    results = replicate_multitask(params["backbone"], params["tasks"], data_root=params["data_root"],
                             experts_dir=params["experts_dir"], results_dir=params["results_dir"], methods=[label],
                             provenance_name=f"{method_file_name(label)}.provenance.json", progress=False,
                             **_options(params, MT_MERGE_OPTIONS))
     test = results[(results["split"] == "test") & (results["method"] == label)]
-    return {"alpha": float(test["alpha"].iloc[0]), "absolute": float(test["accuracy"].mean()),
+    return {"coefficient": float(test["coefficient"].iloc[0]), "absolute": float(test["accuracy"].mean()),
             "normalized": float(test["normalized_accuracy"].mean()), "tasks": len(test)}
 
 

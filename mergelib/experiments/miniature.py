@@ -3,8 +3,11 @@
 * :func:`prepare_domain_experts` and :func:`prepare_task_experts` give the tiny CLIP (pretrained
   here), the data and one fine-tuned expert per domain of the domain benchmark or per task of the
   multi-task suite, as an :class:`Experts` bundle that the analyses and notebooks share.
-* :func:`leave_one_domain_out` (SCORE's protocol) and :func:`multitask` (ESM's) evaluate any
-  registered methods on them; :func:`run_domain_generalization` is the book's first chapter.
+* :func:`evaluate_domain_experts` (SCORE's leave-one-domain-out protocol) and
+  :func:`evaluate_task_experts` (the multi-task protocol of TSV, Iso and ESM) evaluate any
+  registered methods on them, cached, with results in the schema of
+  :mod:`mergelib.protocols.results`; :func:`run_miniature_domain_generalization` is the book's
+  first chapter.
 
 Every expensive stage is cached: pretraining and each expert by a hash of everything that
 determines them, evaluations by the hash of the experts, data, methods and the code's own
@@ -35,10 +38,16 @@ from mergelib.methods import parse_method_spec
 from mergelib.methods.common import check_choice, resolve_device
 from mergelib.methods.esm import needs_essential_subspaces
 from mergelib.protocols.multitask import evaluate_multitask
+from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, conform
+from mergelib.analysis.stats import correctness_frame, correctness_record, load_correctness, save_correctness
 from mergelib.methods.common import coerce_parameter
 from mergelib.models.pretrain import PretrainConfig, pretrained_tiny_clip
 from mergelib.io.provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
 from mergelib.task_vectors import StateDict, encoder_state, task_vector
+from mergelib._moved import renamed
+
+__getattr__ = renamed(__name__, {"leave_one_domain_out": "evaluate_domain_experts", "multitask": "evaluate_task_experts",
+                                 "run_domain_generalization": "run_miniature_domain_generalization"})
 
 
 # Every registered method, in the order the book presents them: the baselines, then the subspace methods.
@@ -337,58 +346,98 @@ def esm_fold_parameters(subspaces: Mapping[str, dict]) -> dict[str, Any]:
     return {"esm": lambda sources: {"subspaces": [subspaces[s] for s in sources]}}
 
 
+def _correctness_path(prepared: Experts, key: Mapping[str, Any]) -> Path:
+    return _cache_dir(prepared.config) / "results" / f"{config_hash(key)[:20]}-correct.npz"
+
+
 def _cached_protocol(
     prepared: Experts, protocol: str, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]],
     esm_proxy_count: int | None, esm_proxy_source: str, evaluate: Callable[..., tuple[pd.DataFrame, ...]],
+    with_correctness: bool,
 ) -> tuple[pd.DataFrame, ...]:
-    """Run ``evaluate(evaluator, per_method, fold_parameters)`` cached by everything a protocol's
-    tables depend on: the experts, data and code (:meth:`Experts.result_key`), the methods and
-    their coefficients, and ESM's proxy images when a method needs them."""
+    """Run ``evaluate(evaluator, per_method, fold_parameters, on_correct)`` cached by everything a
+    protocol's tables depend on: the experts, data and code (:meth:`Experts.result_key`), the
+    methods and their coefficients, and ESM's proxy images when a method needs them. Beside the
+    tables, which test examples each model got right is cached (``-correct.npz``,
+    :func:`mergelib.analysis.stats.save_correctness`); ``with_correctness`` appends that table."""
     config = prepared.config
     count = config.esm_proxy_count if esm_proxy_count is None else esm_proxy_count
     per_method = {m: tuple(coefficients[m] if isinstance(coefficients, Mapping) else coefficients) for m in methods}
     key = {"protocol": protocol, **prepared.result_key(), "methods": per_method,
            "esm_proxies": [count, esm_proxy_source, config.seed] if any(map(needs_essential_subspaces, methods)) else None}
+    correctness_path = _correctness_path(prepared, key)
+    test_sets = {**{("test", n): s for n, s in prepared.test.items()}, **{("val", n): s for n, s in prepared.val.items()}}
 
     def compute():
         fold = {}
         if key["esm_proxies"]:
             fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
         evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
-        return evaluate(evaluator, per_method, fold)
+        records = []
 
-    return cached_tables(_cache_dir(config) / "results", key, compute)
+        def on_correct(row: dict, correct: Any, labels: Any) -> None:
+            name = row.get("held_out", row.get("task"))
+            keys = {k: row[k] for k in ("method", "coefficient", "split", "held_out", "task") if k in row}
+            records.append(correctness_record(correct, labels, test_set=test_sets[row.get("split", "test"), name].fingerprint(),
+                                              **keys))
+
+        tables = evaluate(evaluator, per_method, fold, on_correct)
+        # written before the tables, whose manifest marks the cache entry complete
+        save_correctness(correctness_path, correctness_frame(records), {"key": key, "code": code_fingerprint()})
+        return tables
+
+    tables = cached_tables(_cache_dir(config) / "results", key, compute)
+    if not with_correctness:
+        return tables
+    if not correctness_path.exists():  # an entry from before the store: evaluate again
+        raise FileNotFoundError(f"{correctness_path} is missing; delete {_cache_dir(config) / 'results'} to rebuild it")
+    return (*tables, load_correctness(correctness_path)[0])
 
 
-def leave_one_domain_out(
+def _in_schema(prepared: Experts, setting: str, tables: Sequence[pd.DataFrame], count: int) -> tuple[pd.DataFrame, ...]:
+    """The first ``count`` tables in the result schema, the others as they are."""
+    benchmark = "fashion-domains" if setting == DOMAIN_GENERALIZATION else "mini-suite"
+    return tuple(conform(table, setting=setting, benchmark=benchmark, backbone=prepared.config.backbone,
+                         seed=prepared.config.seed) if i < count else table for i, table in enumerate(tables))
+
+
+def evaluate_domain_experts(
     prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
     *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with_correctness: bool = False,
+) -> tuple[pd.DataFrame, ...]:
     """SCORE's leave-one-domain-out protocol on prepared domain experts, cached by everything it
-    depends on (experts, data, methods, coefficients, proxies, code): results and expert matrix."""
+    depends on (experts, data, methods, coefficients, proxies, code): the results (in the schema
+    of :mod:`mergelib.protocols.results`) and the expert matrix, and with ``with_correctness``
+    the per-example correctness table of every single model (for :mod:`mergelib.analysis.stats`)."""
 
-    def evaluate(evaluator, per_method, fold):
+    def evaluate(evaluator, per_method, fold, on_correct):
         return evaluate_leave_one_domain_out(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
                                              prepared.heads[prepared.names[0]], prepared.test, methods, per_method,
-                                             fold_parameters=fold, progress=progress)
+                                             fold_parameters=fold, progress=progress, on_correct=on_correct)
 
-    return _cached_protocol(prepared, "leave-one-domain-out", methods, coefficients, esm_proxy_count, esm_proxy_source,
-                            evaluate)
+    tables = _cached_protocol(prepared, "leave-one-domain-out", methods, coefficients, esm_proxy_count, esm_proxy_source,
+                              evaluate, with_correctness)
+    return _in_schema(prepared, DOMAIN_GENERALIZATION, tables, 1)
 
 
-def multitask(
+def evaluate_task_experts(
     prepared: Experts, methods: Sequence[str], coefficients: Sequence[float] | Mapping[str, Sequence[float]] = (1.0,),
     *, esm_proxy_count: int | None = None, esm_proxy_source: str = "own", progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    with_correctness: bool = False,
+) -> tuple[pd.DataFrame, ...]:
     """The multi-task protocol (all task experts merged, evaluated on every task with its head),
-    cached like :func:`leave_one_domain_out`: results and per-task reference accuracies."""
+    cached like :func:`evaluate_domain_experts`: the results and the reference rows (zero-shot and
+    own experts), both in the result schema, and with ``with_correctness`` the correctness table."""
 
-    def evaluate(evaluator, per_method, fold):
+    def evaluate(evaluator, per_method, fold, on_correct):
         return evaluate_multitask(evaluator, prepared.pretrained, prepared.experts, prepared.task_vectors,
                                   prepared.heads, prepared.test, methods, per_method, fold_parameters=fold,
-                                  val_sets=prepared.val or None, progress=progress)
+                                  val_sets=prepared.val or None, progress=progress, on_correct=on_correct)
 
-    return _cached_protocol(prepared, "multi-task", methods, coefficients, esm_proxy_count, esm_proxy_source, evaluate)
+    tables = _cached_protocol(prepared, "multi-task", methods, coefficients, esm_proxy_count, esm_proxy_source, evaluate,
+                              with_correctness)
+    return _in_schema(prepared, MULTITASK, tables, 2)
 
 
 @dataclass
@@ -401,15 +450,20 @@ class MiniatureRun:
     timings: dict[str, float]
     provenance: dict
     results_dir: Path | None
+    correctness: pd.DataFrame | None = None
 
 
-def run_domain_generalization(
+def run_miniature_domain_generalization(
     config: MiniatureConfig = MiniatureConfig(),
     *,
     results_dir: Path | None = REPO_ROOT / "results" / "miniature" / "domain_generalization",
     progress: bool = True,
 ) -> MiniatureRun:
-    """Run the miniature leave-one-domain-out experiment; write and return its results."""
+    """Run the miniature leave-one-domain-out experiment; write and return its results.
+
+    Writes ``results.csv`` (the result schema), ``expert_matrix.csv``, ``correctness.npz`` (which
+    test images each model got right, :func:`mergelib.analysis.stats.load_correctness`) and
+    ``provenance.json`` to ``results_dir``."""
     config.validate()
     started_at = git_state()
     prepared = prepare_domain_experts(config, progress=progress)
@@ -417,11 +471,11 @@ def run_domain_generalization(
     timer.seconds.update(prepared.timings)
     coefficients = {m: (config.coefficients if m in config.sweep_methods else (1.0,)) for m in config.methods}
     with timer.stage("evaluate (leave-one-domain-out)"):
-        results, matrix = leave_one_domain_out(prepared, config.methods, coefficients, progress=progress)
-    for frame in (results, matrix):
-        frame.insert(0, "backbone", config.backbone)
-        frame.insert(0, "benchmark", "fashion-domains")
-        frame["seed"] = config.seed
+        results, matrix, correctness = evaluate_domain_experts(prepared, config.methods, coefficients,
+                                                               progress=progress, with_correctness=True)
+    matrix.insert(0, "backbone", config.backbone)
+    matrix.insert(0, "benchmark", "fashion-domains")
+    matrix["seed"] = config.seed
     record = provenance(
         config.as_dict(),
         git=started_at,
@@ -436,9 +490,10 @@ def run_domain_generalization(
         results_dir.mkdir(parents=True, exist_ok=True)
         results.to_csv(results_dir / "results.csv", index=False)
         matrix.to_csv(results_dir / "expert_matrix.csv", index=False)
+        save_correctness(results_dir / "correctness.npz", correctness, record)
         write_json(results_dir / "provenance.json", record)
     return MiniatureRun(config, results, matrix, prepared.backbone.manifest, prepared.manifests, dict(timer.seconds),
-                        record, results_dir)
+                        record, results_dir, correctness)
 
 
 # The recipe variants behind the miniature's defaults (see the first chapter). Each is a set of
@@ -468,7 +523,7 @@ def run_recipe_study(
         config = replace(base, **overrides)
         if progress:
             print(f"[mergelib] recipe variant: {name}", flush=True)
-        run = run_domain_generalization(config, results_dir=None, progress=progress)
+        run = run_miniature_domain_generalization(config, results_dir=None, progress=progress)
         frames.append(run.results.assign(variant=name))
         configs[name] = config.as_dict()
     results = pd.concat(frames, ignore_index=True)

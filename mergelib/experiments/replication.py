@@ -1,6 +1,6 @@
 """Replicating the papers' benchmarks on real backbones and datasets, one call per (backbone, dataset).
 
-:func:`run_domain_generalization` is SCORE's experiment (arXiv 2603.05768, Sec. 4 and the
+:func:`replicate_domain_generalization` is SCORE's experiment (arXiv 2603.05768, Sec. 4 and the
 released ``finetune_domain_splitted.py`` / ``merge_domain_splitted_leave_one_out.py``): fine-tune
 one expert per domain of a dataset of :mod:`mergelib.data.dg_datasets` with the released recipe,
 then merge the other domains' experts for each held-out domain at coefficient 1 and evaluate
@@ -10,7 +10,7 @@ size, each domain's zero-shot head is built from that domain's class folders, an
 trimming threshold is zσ/T on the natural-image datasets and zσ on FedISIC and RetinaDomains
 (the spec's ``trim_divide_by_tasks``).
 
-:func:`run_multitask` is the 8/14/20-task protocol of TSV, Iso and ESM on imported experts
+:func:`replicate_multitask` is the 8/14/20-task protocol of TSV, Iso and ESM on imported experts
 (:mod:`mergelib.models.importers`): merge all experts, choose the global coefficient on the TALL
 validation split with the method's released search (:mod:`mergelib.protocols.coefficients`), report
 absolute and normalized accuracy on the test splits.
@@ -52,6 +52,12 @@ from mergelib.io.locks import DEFAULT_POLL_SECONDS, DEFAULT_WAIT_SECONDS, OwnerL
 from mergelib.io.provenance import git_state, provenance, write_json
 from mergelib.errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
 from mergelib.task_vectors import PREFIX, StateDict, encoder_state, task_vector
+from mergelib.protocols.multitask import FINE_TUNED, ZERO_SHOT, evaluate_multitask
+from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, conform
+from mergelib._moved import renamed
+
+__getattr__ = renamed(__name__, {"run_domain_generalization": "replicate_domain_generalization",
+                                 "run_multitask": "replicate_multitask"})
 
 #: The methods of SCORE's comparison (its README's list plus SCORE and weight averaging).
 PAPER_DG_METHODS = ("weight_average", "task_arithmetic", "ties", "magmax", "pcb", "iso_c", "iso_cts", "tsv_m", "score")
@@ -227,7 +233,7 @@ class DGExperiment:
 
     Made by :func:`prepare_dg_experiment`. :meth:`finetune_expert` fine-tunes (or finds in the
     checkpoint folder) one domain's expert, :meth:`evaluate` runs some or all folds on the
-    finished experts; :func:`run_domain_generalization` does everything in one process, and the
+    finished experts; :func:`replicate_domain_generalization` does everything in one process, and the
     sweep kinds of :mod:`mergelib.experiments.benchmark_sweeps` run the same parts as separate jobs, so both
     produce the same experts (same cache keys) and the same numbers.
     """
@@ -298,7 +304,7 @@ class DGExperiment:
         path = self.expert_path(domain)
         if not path.exists():
             raise FileNotFoundError(f"{self.dataset}/{domain}: no expert at {path}; fine-tune it first "
-                                    "(run_domain_generalization or the sweep's dg-finetune jobs)")
+                                    "(replicate_domain_generalization or the sweep's dg-finetune jobs)")
         state = load_state(path, key=self.expert_key(domain))[0]
         try:
             self._fits_backbone(state)
@@ -309,7 +315,8 @@ class DGExperiment:
     def evaluate(self, methods: Sequence[str | MethodSpec] = PAPER_DG_METHODS, *, held_out: Sequence[str] | None = None,
                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
         """The folds of ``held_out`` (default: every domain) at coefficient 1 with the baselines:
-        results (with ``backbone, dataset, metric, score``), the expert-by-domain matrix over those
+        results (in the result schema, :mod:`mergelib.protocols.results`, ``benchmark`` being the
+        dataset and ``metric`` its headline metric), the expert-by-domain matrix over those
         domains, and timings."""
         timings: dict[str, float] = {}
         experts = LazyStates(self.domains, self.load_expert, keep=2)
@@ -340,7 +347,8 @@ class DGExperiment:
                                                         (1.0,), fold_parameters=fold, held_out=folds, progress=progress)
         timings["merge and evaluate"] = time.perf_counter() - clock
         metric = "balanced_accuracy" if self.spec.metric == "balanced_accuracy" else "accuracy"
-        results = results.assign(backbone=self.backbone, dataset=self.dataset, metric=metric, score=results[metric])
+        results = conform(results, setting=DOMAIN_GENERALIZATION, benchmark=self.dataset, backbone=self.backbone,
+                          metric=metric)
         return results, matrix, timings
 
     def method_parameters(self, methods: Sequence[str | MethodSpec]) -> dict[str, Any]:
@@ -406,7 +414,7 @@ def prepare_dg_experiment(
                         esm_proxy_count=esm_proxy_count)
 
 
-def run_domain_generalization(
+def replicate_domain_generalization(
     backbone: str,
     dataset: str,
     *,
@@ -463,10 +471,6 @@ def miniature_weights(cache_dir: str | Path | None = None, *, progress: bool = T
 #: Task Arithmetic grid of the TSV code.
 ALPHA_RULES = {"tsv_m": "tsv", "iso_c": "iso", "iso_cts": "iso", "esm": "esm"}
 PAPER_MT_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "esm")
-
-
-def _ratio(accuracy: float, reference: float) -> float:
-    return accuracy / reference if reference else float("nan")
 
 
 def task_split_fingerprint(task: str, dataset: torch.utils.data.Dataset, classnames: Sequence[str]) -> str:
@@ -565,7 +569,7 @@ def finetune_task_expert(
     overrides), on the TALL *training* part (90 % of train, capped validation), with the frozen
     zero-shot head of the task's templates. The released task code sets no seed; we use the
     recipe's seed 5. Writes ``{experts_dir}/{backbone}/{task}.safetensors``, the layout of
-    :func:`mergelib.models.importers.import_directory`, so :func:`run_multitask` reads both alike; an
+    :func:`mergelib.models.importers.import_directory`, so :func:`replicate_multitask` reads both alike; an
     imported checkpoint already there is never overwritten.
     """
     from mergelib.data.task_suites import TASKS, load_task
@@ -649,7 +653,7 @@ def dataset_labels(dataset: torch.utils.data.Dataset) -> torch.Tensor:
     return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
-def run_multitask(
+def replicate_multitask(
     backbone: str,
     tasks: int | Sequence[str],
     *,
@@ -683,12 +687,8 @@ def run_multitask(
     Every name (backbone, tasks, methods and their parameters) and the presence of every expert
     are checked before the backbone is loaded.
     """
-    from mergelib.protocols.coefficients import search_alpha
     from mergelib.data.task_suites import TASKS, load_task, published_finetuned_accuracy
-    from mergelib.models.evaluation import classification_metrics
     from mergelib.models.importers import CheckpointMismatchError, load_imported
-    from mergelib.methods.grid import merge_grid
-    from mergelib.task_vectors import apply_task_vector
 
     names = check_multitask_run(backbone, tasks, methods=methods, experts_dir=experts_dir, precision=precision,
                                 normalize_with=normalize_with)
@@ -719,22 +719,11 @@ def run_multitask(
     evaluator = EncoderEvaluator(clip, device=torch_device, batch_size=eval_batch_size, num_workers=num_workers,
                                  precision=precision)
 
-    def accuracies(state: StateDict, split: str) -> dict[str, float]:
-        return {t: classification_metrics(evaluator.logits(state, heads[t], data[split, t][0]), data[split, t][1])["accuracy"]
-                for t in names}
-
     if normalize_with == "published":
-        reference = {split: {t: published_finetuned_accuracy(backbone, t, split) for t in names} for split in ("val", "test")}
+        reference = {(split, t): published_finetuned_accuracy(backbone, t, split) for split in ("val", "test") for t in names}
     else:
-        reference = {split: {t: accuracies(experts[t], split)[t] for t in names} for split in ("val", "test")}
-        zero = [f"{t} ({split})" for split in reference for t, a in reference[split].items() if a == 0]
-        if zero:
-            raise ValueError(f"normalized accuracy is undefined: the experts of {zero} have accuracy 0 on that split; "
-                             "use normalize_with='published' or larger splits")
+        reference = None  # the experts' own accuracies, evaluated by the protocol
 
-    rows = [{"method": "zero-shot", "alpha": float("nan"), "split": split, "task": t, "accuracy": a,
-             "normalized_accuracy": _ratio(a, reference[split][t]), "selected": True}
-            for split in ("val", "test") for t, a in accuracies(pretrained, split).items()]
     def esm_subspaces(fold: list[str]) -> dict:
         """ESM's activation subspaces of the fold's experts on their proxy images."""
         from mergelib.models.essential import essential_subspaces
@@ -744,32 +733,23 @@ def run_multitask(
         return {"subspaces": [essential_subspaces(clip.model.visual, pretrained, vectors[t], proxies[t], device=torch_device)
                               for t in fold]}
 
-    # every method's merge through one grid: the experts' decompositions and the shared basis are
-    # computed once for all methods (the same merges as one at a time); rows keep the order of ``methods``
-    searches_of, rows_of = {}, {}
+    # every method through one grid (the experts' decompositions and the shared basis computed once),
+    # its coefficient chosen on validation by the method's released search
     with_subspaces = {spec.label: esm_subspaces for spec in specs if needs_essential_subspaces(spec)}
-    for _, spec, merged in merge_grid(vectors, [names], specs, fold_parameters=with_subspaces):
-        spec_rows = rows_of[spec.label] = []
-        evaluated: dict[float, dict[str, float]] = {}
-
-        def evaluate(alpha: float) -> dict[str, float]:
-            val = accuracies(apply_task_vector(pretrained, merged, alpha=alpha), "val")
-            evaluated[alpha] = val
-            return {"absolute": sum(val.values()) / len(val),
-                    "normalized": sum(_ratio(val[t], reference["val"][t]) for t in names) / len(names)}
-
-        search = search_alpha(ALPHA_RULES.get(spec.name, "task_arithmetic"), evaluate)
-        searches_of[spec.label] = search.to_dict()
-        for alpha, val in evaluated.items():
-            spec_rows += [{"method": spec.label, "alpha": alpha, "split": "val", "task": t, "accuracy": a,
-                           "normalized_accuracy": _ratio(a, reference["val"][t]), "selected": alpha == search.alpha}
-                          for t, a in val.items()]
-        test = accuracies(apply_task_vector(pretrained, merged, alpha=search.alpha), "test")
-        spec_rows += [{"method": spec.label, "alpha": search.alpha, "split": "test", "task": t, "accuracy": a,
-                       "normalized_accuracy": _ratio(a, reference["test"][t]), "selected": True} for t, a in test.items()]
-    rows += [row for spec in specs for row in rows_of[spec.label]]
-    searches = {spec.label: searches_of[spec.label] for spec in specs}
-    results = pd.DataFrame(rows).assign(backbone=backbone, tasks=len(names))
+    merged, baselines = evaluate_multitask(
+        evaluator, pretrained, experts if normalize_with == "experts" else None, vectors, heads,
+        {t: data["test", t][0] for t in names}, specs, fold_parameters=with_subspaces,
+        val_sets={t: data["val", t][0] for t in names},
+        searches={spec.label: ALPHA_RULES.get(spec.name, "task_arithmetic") for spec in specs},
+        reference_accuracy=reference, labels={(split, t): data[split, t][1] for split in ("val", "test") for t in names},
+        progress=progress)
+    zero = baselines[(baselines["method"] == FINE_TUNED) & (baselines["accuracy"] == 0)]
+    if not zero.empty:
+        raise ValueError(f"normalized accuracy is undefined: the experts of {list(zero['task'])} have accuracy 0 on "
+                         "that split; use normalize_with='published' or larger splits")
+    searches = merged.attrs["searches"]
+    results = conform(pd.concat([baselines[baselines["method"] == ZERO_SHOT], merged], ignore_index=True),
+                      setting=MULTITASK, benchmark=suite, backbone=backbone, tasks=len(names))
     parameters = {"backbone": backbone, "tasks": names, "methods": [s.label for s in specs], "precision": precision,
                   "normalize_with": normalize_with, "emnist_rotate_flip": emnist_rotate_flip,
                   "esm_proxy_count": esm_proxy_count, "experts_dir": str(experts_dir), "data_root": str(data_root)}

@@ -9,7 +9,8 @@ separate factor, for other *pretraining seeds* of the tiny CLIP (with the defaul
 seed). Both protocols are run: SCORE's leave-one-domain-out at coefficient 1 and the multi-task
 protocol with the coefficient chosen on validation.
 
-Results are tidy rows (one per protocol, factor, seed, method, held-out domain or task) under
+Results are rows of the result schema (:mod:`mergelib.protocols.results`; one per setting,
+factor, seed, method, held-out domain or task) under
 ``results/studies/miniature_seeds/`` with a provenance record, and :func:`seed_spread` turns them
 into the mean and spread across seeds of each method's mean accuracy, which the chapters show
 beside their single-run numbers. ``make seeds-study`` (``mergelib seeds-study``) reruns it.
@@ -28,8 +29,8 @@ import pandas as pd
 
 from mergelib.errors import ParameterError
 from mergelib.methods import parse_method_spec
-from mergelib.experiments.miniature import ALL_METHODS, MiniatureConfig, leave_one_domain_out, multitask, prepare_domain_experts, prepare_task_experts
-from mergelib.protocols.multitask import select_on_validation
+from mergelib.experiments.miniature import ALL_METHODS, MiniatureConfig, evaluate_domain_experts, evaluate_task_experts, prepare_domain_experts, prepare_task_experts
+from mergelib.protocols.results import order_columns, reported
 from mergelib.io.provenance import REPO_ROOT, git_state, provenance, write_json
 
 #: SCORE's released variants besides its default, so the ablation chapter can read their spread.
@@ -60,17 +61,12 @@ def seed_runs(base: MiniatureConfig, finetune_seeds: Sequence[int], pretrain_see
 
 
 def _protocol_rows(config: MiniatureConfig, methods: Sequence[str], coefficients: Sequence[float], progress: bool) -> pd.DataFrame:
+    """The rows both protocols report for one configuration, in the result schema."""
     domains = prepare_domain_experts(config, progress=progress)
-    dg, _ = leave_one_domain_out(domains, methods, (1.0,), progress=progress)
-    dg = dg.rename(columns={"held_out": "evaluated_on"}).assign(protocol="leave-one-domain-out")
+    dg, _ = evaluate_domain_experts(domains, methods, (1.0,), progress=progress)
     tasks = prepare_task_experts(config, progress=progress)
-    mt, reference = multitask(tasks, methods, coefficients, progress=progress)
-    selected = select_on_validation(mt)
-    baselines = reference[reference["split"] == "test"].rename(columns={"n": "n_test"})
-    mt = pd.concat([selected.rename(columns={"n": "n_test"}), baselines], ignore_index=True)
-    mt = mt.rename(columns={"task": "evaluated_on"}).assign(protocol="multi-task")
-    columns = ["protocol", "method", "evaluated_on", "coefficient", "n_test", "accuracy"]
-    return pd.concat([dg[columns], mt.reindex(columns=columns)], ignore_index=True)
+    mt, reference = evaluate_task_experts(tasks, methods, coefficients, progress=progress)
+    return pd.concat([reported(dg), reported(mt), reported(reference)], ignore_index=True)
 
 
 def run_seeds_study(
@@ -85,8 +81,8 @@ def run_seeds_study(
 ) -> pd.DataFrame:
     """Run both protocols for every seed of :func:`seed_runs`; write and return the tidy rows.
 
-    Columns: ``protocol, factor, finetune_seed, pretrain_seed, method, evaluated_on,
-    coefficient, n_test, accuracy``. Every stage is cached (experts by their configuration,
+    Rows: what each protocol reports (:func:`mergelib.protocols.results.reported`), in the result
+    schema, with ``factor, finetune_seed, pretrain_seed``. Every stage is cached (experts by their configuration,
     evaluations by the code's fingerprint), so a rerun only reads tables.
     """
     base.validate()
@@ -101,9 +97,7 @@ def run_seeds_study(
                 print(f"[mergelib] seeds study: fine-tuning seed {seeds[0]}, pretraining seed {seeds[1]}", flush=True)
             done[seeds] = _protocol_rows(config, methods, multitask_coefficients, progress)
         frames.append(done[seeds].assign(factor=factor, finetune_seed=seeds[0], pretrain_seed=seeds[1]))
-    results = pd.concat(frames, ignore_index=True)
-    order = ["protocol", "factor", "finetune_seed", "pretrain_seed", "method", "evaluated_on", "coefficient", "n_test", "accuracy"]
-    results = results[order]
+    results = order_columns(pd.concat(frames, ignore_index=True))
     if results_dir is not None:
         directory = Path(results_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -115,7 +109,7 @@ def run_seeds_study(
 
 
 def seed_spread(results: pd.DataFrame, *, factor: str = "fine-tuning") -> pd.DataFrame:
-    """Per (protocol, method): the mean over held-out domains or tasks of each seed's run, then the
+    """Per (setting, method): the mean over held-out domains or tasks of each seed's run, then the
     mean, sample standard deviation, minimum and maximum of that number across the seeds of
     ``factor`` (in percent), and the number of seeds."""
     if factor not in FACTORS:
@@ -124,6 +118,6 @@ def seed_spread(results: pd.DataFrame, *, factor: str = "fine-tuning") -> pd.Dat
     if rows.empty:
         raise ParameterError(f"the study has no run of the factor {factor!r}")
     seed = "finetune_seed" if factor == "fine-tuning" else "pretrain_seed"
-    per_seed = 100 * rows.groupby(["protocol", "method", seed])["accuracy"].mean()
-    spread = per_seed.groupby(["protocol", "method"]).agg(["mean", "std", "min", "max", "count"])
+    per_seed = 100 * rows.groupby(["setting", "method", seed])["value"].mean()
+    spread = per_seed.groupby(["setting", "method"]).agg(["mean", "std", "min", "max", "count"])
     return spread.rename(columns={"count": "seeds"}).reset_index()

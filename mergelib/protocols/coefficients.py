@@ -14,7 +14,7 @@ Rules, read in the released code (not in the papers):
   (0.1, ..., 3.0; numpy's values, e.g. 0.30000000000000004) with no early stop and picks the
   highest mean *normalized* validation accuracy. Task Arithmetic and others use
   ``linspace(0, 1, 11)[1:]``. TSV-C uses alpha = 1.
-* **Iso** (Marczak et al., arXiv 2502.04959; per our reference notes, §0.6) and the copy of the same
+* **Iso** (Marczak et al., arXiv 2502.04959; ``danielm1405/iso-merging``) and the copy of the same
   loop in ESM's ``evaluate_task_vector``: the same 0.1..3.0 grid, in increasing order, with early
   stopping on the mean *absolute* validation accuracy: an alpha improves if its value is strictly
   greater than the best so far, otherwise a counter grows, and the loop stops right after the

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from mergelib.data import ImageSet
 from mergelib.data.files import ImageFileSet
-from mergelib.models.evaluation import EncoderEvaluator, classification_metrics
+from mergelib.models.evaluation import EncoderEvaluator, classification_metrics, classification_outcomes
 from mergelib.models.heads import ClassificationHead
 from mergelib.methods.grid import merge_grid
 from mergelib.methods import MethodSpec, parse_method_spec
@@ -36,6 +37,8 @@ BASELINES = (ZERO_SHOT, OTHER_EXPERTS_MEAN, OTHER_EXPERTS_BEST, ENSEMBLE, OWN_EX
 # Parameters of a merge that depend on the fold: called with the source domains, in order
 # (ESM's activation subspaces of the source experts, for instance).
 FoldParameters = Callable[[Sequence[str]], Mapping]
+# Receives a result row, which examples that model got right (numpy bools) and their labels.
+OnCorrect = Callable[[dict, np.ndarray, torch.Tensor], None]
 
 
 def leave_one_out(names: Sequence[str]) -> Iterator[tuple[str, list[str]]]:
@@ -62,8 +65,10 @@ def evaluate_leave_one_domain_out(
     held_out: Sequence[str] | None = None,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    on_correct: OnCorrect | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run the protocol; return the tidy results and the expert-by-domain accuracy matrix.
+    """Run the protocol; return the results (in the schema of :mod:`mergelib.protocols.results`)
+    and the expert-by-domain accuracy matrix.
 
     Args:
         head: one zero-shot head for every domain, or one per domain (the released code builds
@@ -78,8 +83,11 @@ def evaluate_leave_one_domain_out(
             merges all the other domains. The expert matrix then covers these domains only.
             Running the folds one at a time gives the same rows as running them together.
 
-    Results have one row per (held-out domain, method, coefficient) with ``accuracy`` and
-    ``balanced_accuracy``; baselines have ``coefficient`` NaN.
+    Results have one row per (held-out domain, method, coefficient) with ``n_examples``,
+    ``accuracy`` and ``balanced_accuracy``; baselines have ``coefficient`` NaN.
+    ``on_correct(row, correct, labels)`` receives, beside each row of a single model (merges,
+    zero-shot, own expert, ensemble; not the mean or best of the other experts), which test
+    examples it got right, for the paired intervals of :mod:`mergelib.analysis.stats`.
 
     The merges go through :func:`mergelib.methods.grid.merge_grid` (each source expert decomposed once for
     all folds; the same merges, bitwise, as one at a time). Within a fold the grid merges methods
@@ -101,7 +109,11 @@ def evaluate_leave_one_domain_out(
     fold_parameters = fold_parameters or {}
     rows: list[dict] = []
 
-    def record(**row) -> None:
+    def record(outcome: tuple[dict, np.ndarray] | None = None, labels: torch.Tensor | None = None, **row) -> None:
+        if outcome is not None:
+            row.update(outcome[0])
+            if on_correct is not None:
+                on_correct(row, outcome[1], labels)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -127,25 +139,28 @@ def evaluate_leave_one_domain_out(
     for target, sources in fold_sources:
         labels = test_sets[target].labels
         n = len(labels)
-        zs = classification_metrics(evaluator.logits(pretrained, heads[target], test_sets[target]), labels)
-        record(held_out=target, method=ZERO_SHOT, coefficient=float("nan"), n_test=n, **zs)
+        zero_shot = classification_outcomes(evaluator.logits(pretrained, heads[target], test_sets[target]), labels)
+        record(zero_shot, labels, held_out=target, method=ZERO_SHOT, coefficient=float("nan"), n_examples=n)
         if target in experts:
-            own = classification_metrics(expert_logits[target, target], labels)
-            record(held_out=target, method=OWN_EXPERT, coefficient=float("nan"), n_test=n, **own)
+            own = classification_outcomes(expert_logits[target, target], labels)
+            record(own, labels, held_out=target, method=OWN_EXPERT, coefficient=float("nan"), n_examples=n)
         singles = matrix[(matrix.domain == target) & matrix.expert.isin(sources)]
         for name, pick in ((OTHER_EXPERTS_MEAN, singles.mean(numeric_only=True)), (OTHER_EXPERTS_BEST, singles.max(numeric_only=True))):
-            record(held_out=target, method=name, coefficient=float("nan"), n_test=n,
+            record(held_out=target, method=name, coefficient=float("nan"), n_examples=n,
                    accuracy=float(pick["accuracy"]), balanced_accuracy=float(pick["balanced_accuracy"]))
         ensemble = torch.stack([expert_logits[s, target] for s in sources]).mean(0)
-        record(held_out=target, method=ENSEMBLE, coefficient=float("nan"), n_test=n, **classification_metrics(ensemble, labels))
+        record(classification_outcomes(ensemble, labels), labels, held_out=target, method=ENSEMBLE,
+               coefficient=float("nan"), n_examples=n)
         merge_rows: dict[str, list[dict]] = {}  # the grid's order; the table keeps the order of ``methods``
         for _ in specs:
             _, spec, merged = next(merges)
             for coefficient in per_method[spec.label]:
                 state = apply_task_vector(pretrained, merged, alpha=coefficient)
-                metrics = classification_metrics(evaluator.logits(state, heads[target], test_sets[target]), labels)
-                row = dict(held_out=target, method=spec.label, coefficient=float(coefficient), n_test=n, **metrics)
+                metrics, correct = classification_outcomes(evaluator.logits(state, heads[target], test_sets[target]), labels)
+                row = dict(held_out=target, method=spec.label, coefficient=float(coefficient), n_examples=n, **metrics)
                 merge_rows.setdefault(spec.label, []).append(row)
+                if on_correct is not None:
+                    on_correct(row, correct, labels)
                 if on_row is not None:
                     on_row(row)
                 bar.update()

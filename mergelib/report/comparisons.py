@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergelib.protocols.results import load_results, reported
 from mergelib.report.published import domain_generalization_table, multitask_table
 
 DG_DATASET_COUNT = 8  # SCORE averages over its eight benchmarks
@@ -22,10 +23,9 @@ NOT_RUN = "not run"
 
 def load_runs(results_dir: str | Path, backbone: str, setting: str) -> pd.DataFrame:
     """Every result row stored for ``backbone`` and ``setting`` (``domain_generalization`` or
-    ``multitask``); empty when nothing was run."""
-    root = Path(results_dir) / backbone / setting
-    frames = [pd.read_csv(path) for path in sorted(root.glob("*/*.csv")) if path.name != "matrix.csv"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    ``multitask``), read by :func:`mergelib.protocols.results.load_results`; empty when nothing
+    was run."""
+    return load_results(Path(results_dir) / backbone / setting)
 
 
 def dg_averages(runs: pd.DataFrame) -> pd.DataFrame:
@@ -33,9 +33,9 @@ def dg_averages(runs: pd.DataFrame) -> pd.DataFrame:
     ``datasets`` counts the datasets behind each average."""
     if runs.empty:
         return pd.DataFrame(columns=["method", "ours", "datasets"])
-    per_dataset = runs.groupby(["method", "dataset"])["score"].mean().mul(100).reset_index()
+    per_dataset = reported(runs).groupby(["method", "benchmark"])["value"].mean().mul(100).reset_index()
     return (per_dataset.groupby("method")
-            .agg(ours=("score", "mean"), datasets=("dataset", "nunique"))
+            .agg(ours=("value", "mean"), datasets=("benchmark", "nunique"))
             .reset_index())
 
 
@@ -61,7 +61,7 @@ def multitask_comparison(results_dir: str | Path, backbone: str) -> pd.DataFrame
     if runs.empty:
         ours = pd.DataFrame(columns=["method", "tasks", "ours_absolute", "ours_normalized"])
     else:
-        test = runs[runs["split"] == "test"]
+        test = reported(runs)
         ours = (test.groupby(["method", "tasks"])
                 .agg(ours_absolute=("accuracy", "mean"), ours_normalized=("normalized_accuracy", "mean"))
                 .mul(100).reset_index())

@@ -15,13 +15,14 @@ from torch.utils.data import Subset, random_split
 from mergelib.data import task_suites as ts
 from mergelib.data.files import DataLayoutError
 from mergelib.errors import ParameterValueError, UnknownNameError
+from conftest import fake_mnist_family
 
 RELEASED_ORDER = [
     "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397", "STL10", "OxfordIIITPet",
     "Flowers102", "CIFAR100", "PCAM", "FER2013", "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
 ]
 
-# Transcribed independently from the reference notes (tsv-iso-esm.md §0.3, percent, 2 decimals):
+# Transcribed independently from the released results JSON (percent, rounded to 2 decimals):
 # task -> (B/32 test, B/32 val, B/16 test, B/16 val, L/14 test, L/14 val).
 REFERENCE_PERCENT = {
     "Cars": (78.19, 78.01, 87.61, 86.49, 92.26, 92.87), "DTD": (97.98, 78.55, 98.30, 82.09, 98.51, 85.11),
@@ -161,27 +162,9 @@ def test_tall_split_rejects_bad_arguments(kwargs, message):
 
 # ------------------------------------------------------------------ loading torchvision's on-disk layouts
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def _fake_mnist_family(raw: Path, prefix: dict[str, str], sizes: dict[str, int], seed: int = 0) -> dict[str, tuple]:
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    out = {}
-    for split, n in sizes.items():
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n, dtype=np.uint8) % 10
-        _write_idx(raw / f"{prefix[split]}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix[split]}-labels-idx1-ubyte", labels)
-        out[split] = (images, labels)
-    return out
-
-
 @pytest.fixture
 def mnist_root(tmp_path):
-    data = _fake_mnist_family(tmp_path / "MNIST" / "raw", {"train": "train", "test": "t10k"}, {"train": 40, "test": 12})
+    data = fake_mnist_family(tmp_path / "MNIST" / "raw", {"train": "train", "test": "t10k"}, {"train": 40, "test": 12})
     return tmp_path, data
 
 
@@ -245,7 +228,7 @@ def test_load_cifar10_from_pickled_batches(tmp_path, monkeypatch):
 
 
 def test_emnist_rotate_flip_is_explicit_and_transposes(tmp_path):
-    data = _fake_mnist_family(tmp_path / "EMNIST" / "EMNIST" / "raw",
+    data = fake_mnist_family(tmp_path / "EMNIST" / "EMNIST" / "raw",
                               {"train": "emnist-digits-train", "test": "emnist-digits-test"}, {"train": 20, "test": 5})
     plain, names = ts.load_task("EMNIST", tmp_path, "test")
     fixed, _ = ts.load_task("EMNIST", tmp_path, "test", emnist_rotate_flip=True)

@@ -178,9 +178,9 @@ def _domain_results() -> pd.DataFrame:
     for (dataset, domain), methods in values.items():
         for method, score in methods.items():
             baseline = method in (ZERO_SHOT, ENSEMBLE, OWN_EXPERT)
-            rows.append({"dataset": dataset, "held_out": domain, "method": method,
-                         "coefficient": float("nan") if baseline else 1.0, "score": score})
-        rows.append({"dataset": dataset, "held_out": domain, "method": "score", "coefficient": 0.5, "score": 0.0})
+            rows.append({"benchmark": dataset, "held_out": domain, "method": method,
+                         "coefficient": float("nan") if baseline else 1.0, "value": score})
+        rows.append({"benchmark": dataset, "held_out": domain, "method": "score", "coefficient": 0.5, "value": 0.0})
     return pd.DataFrame(rows)
 
 
@@ -190,7 +190,7 @@ def test_method_means_average_the_datasets_means_at_coefficient_one():
     assert means["tsv_m"] == pytest.approx(((0.5 + 0.6) / 2 + (0.3 + 0.3 + 0.9) / 3) / 2)
     assert means[ENSEMBLE] == pytest.approx(((0.7 + 0.5) / 2 + (0.4 + 0.4 + 0.1) / 3) / 2)
     # one dataset, no dataset column: the plain mean over the held-out domains
-    single = _domain_results().query("dataset == 'B'").drop(columns="dataset")
+    single = _domain_results().query("benchmark == 'B'").drop(columns="benchmark")
     assert method_means(single)["score"] == pytest.approx(0.4)
 
 
@@ -211,8 +211,8 @@ def test_the_paper_rank_averages_over_datasets_with_different_numbers_of_domains
         variants = score_ablation_specs(z_values=[], rank_fractions=[], n_domains=domains)
         paper = [v for v in variants if v.column == PAPER_RANK]
         assert len(paper) == 1 and paper[0].spec != PAPER_RANK
-        rows = [{"dataset": dataset, "held_out": f"{dataset}{i}", "method": v.spec, "coefficient": 1.0,
-                 "score": 0.5 + (0.1 if v.column == PAPER_RANK else 0.0) * (1 if dataset == "A" else 3)}
+        rows = [{"benchmark": dataset, "held_out": f"{dataset}{i}", "method": v.spec, "coefficient": 1.0,
+                 "value": 0.5 + (0.1 if v.column == PAPER_RANK else 0.0) * (1 if dataset == "A" else 3)}
                 for i in range(domains) for v in variants]
         frames.append(tabulated(pd.DataFrame(rows), variants))
     results = pd.concat(frames)

@@ -28,7 +28,7 @@ from mergelib.data.standins import TASK_STANDINS, make_dg_standin, make_task_sta
 from mergelib.data.task_suites import load_task
 from mergelib.errors import ParameterValueError
 from mergelib.models.importers import CheckpointMismatchError
-from mergelib.experiments.replication import finetune_task_experts, run_domain_generalization, run_multitask
+from mergelib.experiments.replication import finetune_task_experts, replicate_domain_generalization, replicate_multitask
 from mergelib.experiments.sweep import run_sweep, sweep_status
 
 logging.getLogger().setLevel(logging.ERROR)
@@ -57,7 +57,7 @@ def dg(tiny):
     """The same experiment run directly and as an inline sweep, each with its own experts."""
     tmp, weights = tiny
     root = make_dg_standin("PACS", tmp / "data", images_per_class=2, domains=DOMAINS["PACS"])
-    direct, _ = run_domain_generalization(
+    direct, _ = replicate_domain_generalization(
         "tiny-clip", "PACS", data_root=root, checkpoint_dir=tmp / "ckpt-direct", results_dir=tmp / "direct",
         methods=DG_METHODS, domains=DOMAINS["PACS"], weights=weights, esm_proxy_count=4, progress=False, **RECIPE)
     jobs = dg_sweep(["tiny-clip"], ["PACS"], data_root=root, checkpoint_dir=tmp / "ckpt-sweep", results_dir=tmp / "swept",
@@ -100,7 +100,7 @@ def test_a_fold_is_one_third_of_the_direct_results(dg):
     rows = pd.read_csv(record["outputs"]["results"])
     expected = direct[direct["held_out"] == "photo"].reset_index(drop=True)
     pd.testing.assert_frame_equal(rows, expected, check_dtype=False)
-    assert record["outputs"]["score"]["score"] == pytest.approx(float(expected.set_index("method").loc["score", "score"]))
+    assert record["outputs"]["value"]["score"] == pytest.approx(float(expected.set_index("method").loc["score", "value"]))
 
 
 def test_a_resumed_sweep_reruns_only_what_is_missing(dg, monkeypatch):
@@ -213,7 +213,7 @@ def multitask(tiny):
     evaluation = {"weights": weights, "device": "cpu", "num_workers": 0, "normalize_with": "experts"}
     manifests = finetune_task_experts("tiny-clip", MT_TASKS, data_root=data, experts_dir=tmp / "experts-direct",
                                       weights=weights, device="cpu", progress=False, **MT_RECIPE)
-    direct = run_multitask("tiny-clip", MT_TASKS, data_root=data, experts_dir=tmp / "experts-direct",
+    direct = replicate_multitask("tiny-clip", MT_TASKS, data_root=data, experts_dir=tmp / "experts-direct",
                            results_dir=tmp / "mt-direct", methods=["task_arithmetic", "weight_average"], progress=False, **evaluation)
     jobs = multitask_sweep(["tiny-clip"], MT_TASKS, data_root=data, experts_dir=tmp / "experts-sweep",
                            results_dir=tmp / "mt-swept", methods=["task_arithmetic", "weight_average"], finetune=True,
@@ -265,7 +265,7 @@ def test_task_experts_train_on_the_tall_training_part_with_the_released_epochs(m
 def test_experts_from_other_pretrained_weights_and_imported_files_are_refused(multitask, tmp_path):
     tmp, data, weights, *_ = multitask
     with pytest.raises(CheckpointMismatchError, match="other pretrained weights"):
-        run_multitask("tiny-clip", MT_TASKS, data_root=data, experts_dir=tmp / "experts-direct", results_dir=tmp_path,
+        replicate_multitask("tiny-clip", MT_TASKS, data_root=data, experts_dir=tmp / "experts-direct", results_dir=tmp_path,
                       methods=["task_arithmetic"], weights=None, device="cpu", num_workers=0,
                       normalize_with="experts", progress=False)
     imported = tmp_path / "experts" / "tiny-clip"

@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mergelib.experiments.miniature import run_domain_generalization
+from mergelib.experiments.miniature import run_miniature_domain_generalization
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
 def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_config, tmp_path):
-    first = run_domain_generalization(tiny_config, results_dir=tmp_path / "a", progress=False)
+    first = run_miniature_domain_generalization(tiny_config, results_dir=tmp_path / "a", progress=False)
     results = pd.read_csv(tmp_path / "a" / "results.csv")
     assert set(results.held_out) == set(tiny_config.domains)
     merges = results[results.coefficient.notna()]
@@ -31,7 +31,7 @@ def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_confi
     assert set(record["experts"]) == set(tiny_config.domains)
 
     # second run: every expert and the evaluation come from the caches, and the results are identical
-    second = run_domain_generalization(tiny_config, results_dir=tmp_path / "b", progress=False)
+    second = run_miniature_domain_generalization(tiny_config, results_dir=tmp_path / "b", progress=False)
     assert second.timings["fine-tune experts"] < first.timings["fine-tune experts"] or first.timings["fine-tune experts"] < 1
     stage = "evaluate (leave-one-domain-out)"
     assert second.timings[stage] < 0.5 * first.timings[stage], (first.timings, second.timings)
@@ -41,7 +41,7 @@ def test_pipeline_writes_results_with_provenance_and_reuses_its_cache(tiny_confi
     path = Path(tiny_config.cache_dir) / "experts" / "tiny-clip" / "fashion-domains"
     victim = sorted(path.glob("sketch-*.safetensors"))[0]
     victim.write_bytes(victim.read_bytes()[:100])
-    third = run_domain_generalization(tiny_config, results_dir=None, progress=False)
+    third = run_miniature_domain_generalization(tiny_config, results_dir=None, progress=False)
     pd.testing.assert_frame_equal(first.results, third.results)
 
 

@@ -20,7 +20,8 @@ from mergelib.models.evaluation import EncoderEvaluator
 from mergelib.models.finetune import FinetuneConfig, finetune_image_encoder
 from mergelib.models.heads import zero_shot_head
 from mergelib.report.published import domain_generalization_table
-from mergelib.experiments.replication import LazyStates, run_domain_generalization
+from mergelib.protocols.results import conform
+from mergelib.experiments.replication import LazyStates, replicate_domain_generalization
 from mergelib.report.comparisons import NOT_RUN, dg_comparison
 
 logging.getLogger().setLevel(logging.ERROR)
@@ -36,7 +37,7 @@ def tiny_weights(tmp_path_factory):
 
 
 def _run(dataset, root, tmp_path, weights, **kwargs):
-    return run_domain_generalization(
+    return replicate_domain_generalization(
         "tiny-clip", dataset, data_root=root, checkpoint_dir=tmp_path / "ckpt", results_dir=tmp_path / "results",
         methods=METHODS, weights=weights, device="cpu", epochs=1, num_workers=0, batch_size=8,
         finetune_overrides={"lr": 1e-4, "warmup_steps": 1}, progress=False, **kwargs)
@@ -57,7 +58,7 @@ def test_every_fold_method_and_baseline_is_reported_and_stored(pacs_run):
     assert len(results) == len(domains) * (len(METHODS) + len(BASELINES))
     assert (results.groupby("held_out").size() == len(METHODS) + len(BASELINES)).all()
     assert set(results.loc[results["method"].isin(METHODS), "coefficient"]) == {1.0}
-    assert (results["metric"] == "accuracy").all() and (results["score"] == results["accuracy"]).all()
+    assert (results["metric"] == "accuracy").all() and (results["value"] == results["accuracy"]).all()
     assert len(matrix) == len(domains) ** 2
     stored = tmp / "results" / "tiny-clip" / "domain_generalization" / "PACS"
     for method in METHODS:
@@ -87,7 +88,7 @@ def test_medical_datasets_use_balanced_accuracy_and_the_untightened_threshold(tm
     results, _ = _run("FedISIC", root, tmp_path, tiny_weights, domains=["MSK", "BCN", "HAM_rosendahl"])
     assert list(dict.fromkeys(results["held_out"])) == ["BCN", "HAM_rosendahl", "MSK"]  # the released order
     assert (results["metric"] == "balanced_accuracy").all()
-    assert (results["score"] == results["balanced_accuracy"]).all()
+    assert (results["value"] == results["balanced_accuracy"]).all()
     record = json.loads((tmp_path / "results" / "tiny-clip" / "domain_generalization" / "FedISIC" / "provenance.json").read_text())
     assert record["parameters"]["method_params"]["score"]["divide_by_tasks"] is False
 
@@ -134,11 +135,12 @@ def test_lazy_states_keep_only_the_last_few():
 
 def _store(results_dir, backbone, datasets, score):
     for dataset in datasets:
-        rows = [{"held_out": d, "method": m, "coefficient": 1.0, "dataset": dataset, "score": score.get(m, 0.5)}
+        rows = [{"held_out": d, "method": m, "coefficient": 1.0, "n_examples": 10, "accuracy": score.get(m, 0.5)}
                 for d in ("d1", "d2") for m in ("score", "zero-shot")]
         path = results_dir / backbone / "domain_generalization" / dataset / "all.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(path, index=False)
+        conform(pd.DataFrame(rows), setting="domain_generalization", benchmark=dataset, backbone=backbone).to_csv(
+            path, index=False)
 
 
 def test_comparison_gives_differences_only_over_the_papers_eight_datasets(tmp_path):

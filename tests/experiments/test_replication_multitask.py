@@ -8,12 +8,12 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_task_suites import _fake_mnist_family
+from conftest import fake_mnist_family
 
 from mergelib.models.backbones import create_clip
 from mergelib.protocols.coefficients import TSV_GRID
 from mergelib.models.importers import import_checkpoint
-from mergelib.experiments.replication import dataset_labels, run_multitask
+from mergelib.experiments.replication import dataset_labels, replicate_multitask
 
 logging.getLogger().setLevel(logging.ERROR)
 TASKS = ["MNIST", "FashionMNIST"]
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     from mergelib.data.task_suites import TASKS as SPECS
 
     for name in TASKS:
-        _fake_mnist_family(tmp / "data" / SPECS[name].train.probe, {"train": "train", "test": "t10k"}, {"train": 200, "test": 20},
+        fake_mnist_family(tmp / "data" / SPECS[name].train.probe, {"train": "train", "test": "t10k"}, {"train": 200, "test": 20},
                            seed=len(name))
     torch.manual_seed(0)
     clip = create_clip("tiny-clip", weights=None)
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
                   for k, v in visual.items()}
         torch.save(expert, tmp / f"{name}.pt")
         import_checkpoint(tmp / f"{name}.pt", tmp / "experts" / "tiny-clip" / f"{name}.safetensors", backbone="tiny-clip")
-    results = run_multitask("tiny-clip", TASKS, data_root=tmp / "data", experts_dir=tmp / "experts",
+    results = replicate_multitask("tiny-clip", TASKS, data_root=tmp / "data", experts_dir=tmp / "experts",
                             results_dir=tmp / "results", methods=["task_arithmetic", "tsv_m", "esm"], weights=weights,
                             device="cpu", num_workers=0, eval_batch_size=16, esm_proxy_count=2,
                             normalize_with="experts", progress=False)
@@ -52,9 +52,9 @@ def test_every_method_is_evaluated_on_every_test_split_at_its_selected_alpha(set
     assert all(sorted(group) == sorted(TASKS) for _, group in test.groupby("method")["task"])
     record = json.loads((tmp / "results" / "tiny-clip" / "multitask" / "2-tasks" / "provenance.json").read_text())
     for method, search in record["searches"].items():
-        assert set(test.loc[test["method"] == method, "alpha"]) == {search["alpha"]}
+        assert set(test.loc[test["method"] == method, "coefficient"]) == {search["alpha"]}
         val = results[(results["method"] == method) & (results["split"] == "val")]
-        assert sorted(set(val["alpha"])) == sorted(e["alpha"] for e in search["evaluations"])
+        assert sorted(set(val["coefficient"])) == sorted(e["alpha"] for e in search["evaluations"])
         chosen = max(search["evaluations"], key=lambda e: e["normalized"])
         assert search["alpha"] == chosen["alpha"]  # selected by validation normalized accuracy
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from mergelib.errors import ParameterError
+from mergelib.protocols.results import load_results
 from mergelib.experiments.seeds_study import run_seeds_study, seed_runs, seed_spread
 
 
@@ -28,7 +29,8 @@ def test_seeds_study_smoke(tiny_config, tmp_path):
     methods = ["task_arithmetic", "score"]
     results = run_seeds_study(tiny_config, finetune_seeds=(5, 6), pretrain_seeds=(0,), methods=methods,
                               multitask_coefficients=(0.5, 1.0), results_dir=tmp_path, progress=False)
-    assert set(results["protocol"]) == {"leave-one-domain-out", "multi-task"}
+    assert set(results["setting"]) == {"domain_generalization", "multitask"}
+    assert results["selected"].all() and (results["split"] == "test").all()  # what the protocols report
     assert set(results["factor"]) == {"fine-tuning", "pretraining"}
     assert results["accuracy"].between(0, 1).all()
     # the base run appears under both factors with the same numbers; another fine-tuning seed changes them
@@ -38,14 +40,14 @@ def test_seeds_study_smoke(tiny_config, tmp_path):
     tuned = results[results.factor == "fine-tuning"]
     accuracies = {s: g["accuracy"].to_numpy() for s, g in tuned.groupby("finetune_seed")}
     assert (accuracies[5] != accuracies[6]).any()  # other experts, other numbers
-    merged = tuned[(tuned.protocol == "leave-one-domain-out") & (tuned.method == "score")]
+    merged = tuned[(tuned.setting == "domain_generalization") & (tuned.method == "score")]
     per_seed = merged.groupby("finetune_seed")["accuracy"].mean()
-    spread = seed_spread(results).set_index(["protocol", "method"])
-    row = spread.loc[("leave-one-domain-out", "score")]
+    spread = seed_spread(results).set_index(["setting", "method"])
+    row = spread.loc[("domain_generalization", "score")]
     assert row["seeds"] == 2
     assert row["mean"] == pytest.approx(100 * per_seed.mean())
     assert row["std"] == pytest.approx(100 * per_seed.std(ddof=1))
-    stored = pd.read_csv(tmp_path / "results.csv")
+    stored = load_results(tmp_path / "results.csv")
     assert len(stored) == len(results) and (tmp_path / "provenance.json").is_file()
     with pytest.raises(ParameterError, match="no run of the factor"):
         seed_spread(results[results.factor == "fine-tuning"], factor="pretraining")

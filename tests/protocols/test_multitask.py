@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergelib.io.checkpoints import cached_tables
-from mergelib.data import TASKS, make_task
+from mergelib.data import MINI_SUITE_TASKS, make_task
 from mergelib.models.evaluation import EncoderEvaluator, classification_metrics
 from mergelib.models.heads import zero_shot_head
 from mergelib.methods import METHODS, register
@@ -53,7 +53,7 @@ def counting_method():
 def test_multitask_merges_every_task_once_and_normalizes_by_the_own_expert(tiny_clip, counting_method):
     names = ("digits", "textures")
     sets = {t: make_task(t, n_train=8, n_test=40, seed=0) for t in names}
-    heads = {t: zero_shot_head(tiny_clip, sets[t][0].classnames, TASKS[t].caption_templates) for t in names}
+    heads = {t: zero_shot_head(tiny_clip, sets[t][0].classnames, MINI_SUITE_TASKS[t].caption_templates) for t in names}
     tests = {t: sets[t][1] for t in names}
     pretrained = encoder_state(tiny_clip.model.visual)
     g = torch.Generator().manual_seed(0)

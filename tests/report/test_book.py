@@ -228,3 +228,23 @@ def test_mergelib_book_and_notebooks_pass_force(monkeypatch):
     assert main(["notebooks", "--force"]) == 0 and main(["notebooks"]) == 0
     assert main(["book", "--force"]) == 0
     assert calls == [{"force": True}, {"force": False}, {"force": True}, "build"]
+
+
+HIDDEN_INPUT = {"hide-input", "remove-input", "hide-cell", "remove-cell"}
+
+
+def test_visible_code_fits_the_page_width():
+    """Code a reader sees (cells without a hide or remove tag) stays within 88 columns, the width
+    of a code cell at the book theme's default page width, so no cell scrolls sideways."""
+    import json
+
+    from mergelib.report.book import NOTEBOOK_DIR
+
+    too_long = []
+    for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+        for index, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] != "code" or HIDDEN_INPUT & set(cell.get("metadata", {}).get("tags", [])):
+                continue
+            too_long += [f"{path.name} cell {index}: {len(line)} columns: {line[:60]}..."
+                         for line in "".join(cell["source"]).splitlines() if len(line) > 88]
+    assert not too_long, "\n".join(too_long)
