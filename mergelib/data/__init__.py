@@ -28,12 +28,15 @@ from mergelib.data.domains import (
 )
 from mergelib.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, DatasetNotFoundError, load_fashion_mnist
 from mergelib.data.imageset import ImageSet, UnknownNameError
-from mergelib.data.suite import TASKS, TaskSpec, make_task
+from mergelib._moved import renamed
+from mergelib.data.suite import MINI_SUITE_TASKS, TaskSpec, make_task
 
 __all__ = [
     "ImageSet", "UnknownNameError", "DatasetNotFoundError",
     "DOMAINS", "DEFAULT_DOMAINS", "Domain", "render_domain", "caption_for", "DOMAIN_BENCHMARK_TEMPLATES",
     "make_domain_benchmark", "make_pretraining_pool", "DomainBenchmark",
-    "TASKS", "TaskSpec", "make_task",
+    "MINI_SUITE_TASKS", "TaskSpec", "make_task",
     "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_REGIONS",
 ]
+
+__getattr__ = renamed(__name__, {"TASKS": "MINI_SUITE_TASKS"})  # the old name warns until mergelib 0.3

@@ -27,11 +27,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from mergelib._moved import renamed
 from mergelib.data.domains import render_domain
 from mergelib.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_REGIONS, draw_from_region, load_fashion_mnist
 from mergelib.data.imageset import ImageSet, derive_seed, resize_matrix, stable_int, to_imageset, unknown
 
-__all__ = ["TaskSpec", "TASKS", "make_task", "TextureCrops", "sample_texture_crops", "TEXTURE_SOURCES"]
+__all__ = ["TaskSpec", "MINI_SUITE_TASKS", "make_task", "TextureCrops", "sample_texture_crops", "TEXTURE_SOURCES"]
 
 Builder = Callable[[str, int, int], ImageSet]  # (split, n, seed) -> set
 
@@ -50,9 +51,9 @@ class TaskSpec:
 def make_task(name: str, n_train: int, n_test: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """The (train, test) sets of task ``name``; sizes are capped at the task's ``max_train``/``max_test``."""
     try:
-        spec = TASKS[name]
+        spec = MINI_SUITE_TASKS[name]
     except (KeyError, TypeError):
-        raise unknown("task", name, TASKS) from None
+        raise unknown("task", name, MINI_SUITE_TASKS) from None
     if n_train < 1 or n_test < 1:
         raise ValueError(f"task {name}: n_train and n_test must be >= 1, got {n_train}, {n_test}")
     return spec.build("train", min(n_train, spec.max_train), seed), spec.build("test", min(n_test, spec.max_test), seed)
@@ -223,7 +224,9 @@ def _build_textures(split: str, n: int, seed: int) -> ImageSet:
     return to_imageset(rgb, crops.labels, TEXTURE_CLASSES, f"textures/{split}")
 
 
-TASKS: dict[str, TaskSpec] = {
+#: The mini multi-task suite of the miniature, by task name (the papers' tasks are
+#: :data:`mergelib.data.task_suites.TASKS`).
+MINI_SUITE_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
         TaskSpec("fashion", FASHION_MNIST_CLASSES, "Clean Fashion-MNIST clothing photos, 10 classes.",
@@ -237,3 +240,5 @@ TASKS: dict[str, TaskSpec] = {
                  100_000, 100_000, _build_textures),
     )
 }
+
+__getattr__ = renamed(__name__, {"TASKS": "MINI_SUITE_TASKS"})  # the old name warns until mergelib 0.3

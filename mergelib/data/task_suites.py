@@ -8,7 +8,7 @@ Sources. The suites, the per-dataset loaders, templates, class names, fine-tunin
 arXiv 2412.00081) -> ``danielm1405/iso-merging`` (Iso, arXiv 2502.04959) and ``kiddo127/ESM``
 (ESM, arXiv 2602.20208). The fine-tuned accuracies are the ``results/single_task/<model>/
 nonlinear_ft_accuracies.json`` files, identical in tall_masks, TSV and Iso, quoted at full
-precision; our reference notes (``tsv-iso-esm.md`` §0.3) round them to 0.01 %.
+precision (the tests check them against an independent transcription rounded to 0.01 %).
 
 Everything here follows the released code rather than the paper texts:
 
@@ -71,11 +71,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from mergelib._moved import renamed
 from mergelib.errors import MergelibError, ParameterValueError, lookup
 from mergelib.data.files import DataLayoutError
 
 __all__ = [
-    "BACKBONES", "DatasetCall", "TaskDatasetSpec", "TASK_ORDER", "TASKS", "SUITES", "suite_tasks",
+    "PAPER_BACKBONES", "DatasetCall", "TaskDatasetSpec", "TASK_ORDER", "TASKS", "SUITES", "suite_tasks",
     "TALL_VAL_FRACTION", "TALL_VAL_CAP", "TALL_VAL_SEED", "tall_validation_split", "tall_validation_size",
     "LoadedTask", "load_task", "class_names_for", "MissingDependencyError",
     "published_finetuned_accuracy", "normalized_accuracy", "mean_normalized_accuracy",
@@ -83,15 +84,14 @@ __all__ = [
     "FER2013_CLASS_SYNONYMS", "emnist_orientation",
 ]
 
-#: Backbones of the published accuracy tables (mergelib / open_clip names).
-BACKBONES = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+#: Backbones of the published accuracy tables (names of :data:`mergelib.models.backbones.BACKBONES`).
+PAPER_BACKBONES = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 _BACKBONE_ALIASES = {"B/32": "ViT-B-32", "B/16": "ViT-B-16", "L/14": "ViT-L-14",
                      "ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14"}
 
 #: Where the published fine-tuned accuracies come from.
 FINETUNED_ACCURACY_SOURCE = (
-    "tall_masks/TSV/Iso results JSON (results/single_task/<model>/nonlinear_ft_accuracies.json), "
-    "via our reference notes (tsv-iso-esm.md §0.3)"
+    "tall_masks/TSV/Iso results JSON (results/single_task/<model>/nonlinear_ft_accuracies.json)"
 )
 
 #: The released TALL validation rule: 10 % of the official train split, capped at 5000, seed 0.
@@ -100,7 +100,7 @@ TALL_VAL_CAP = 5000
 TALL_VAL_SEED = 0
 
 #: Whether EMNIST images are rotated by -90 degrees and flipped horizontally
-#: after preprocessing, per repository (ESM and tall_masks read by us; TSV and Iso per our reference notes).
+#: after preprocessing, per repository (as each repository's dataset code does).
 EMNIST_ROTATE_FLIP_BY_REPO = {"tall_masks": False, "iso-merging": False, "task_singular_vectors": True, "ESM": True}
 
 
@@ -339,7 +339,7 @@ class TaskDatasetSpec:
     @property
     def finetuned_accuracies(self) -> dict[str, dict[str, float]]:
         """The published fine-tuned accuracies as fractions, ``{backbone: {"test": ..., "val": ...}}``."""
-        return {b: {s: published_finetuned_accuracy(b, self.name, s) for s in ("test", "val")} for b in BACKBONES}
+        return {b: {s: published_finetuned_accuracy(b, self.name, s) for s in ("test", "val")} for b in PAPER_BACKBONES}
 
 
 CLASSNAME_SOURCES = ("torchvision", "underscores", "sun397", "eurosat", "fixed")
@@ -669,3 +669,6 @@ def normalized_accuracy(accuracies: Mapping[str, float], backbone: str, split: s
 def mean_normalized_accuracy(accuracies: Mapping[str, float], backbone: str, split: str = "test") -> float:
     """The mean over tasks of :func:`normalized_accuracy` (the tables' "normalized" column)."""
     return fmean(normalized_accuracy(accuracies, backbone, split).values())
+
+
+__getattr__ = renamed(__name__, {"BACKBONES": "PAPER_BACKBONES"})  # the old name warns until mergelib 0.3

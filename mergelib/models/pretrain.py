@@ -33,7 +33,7 @@ from tqdm import tqdm
 from mergelib.models.backbones import Clip, batch_to_model_input, create_clip
 from mergelib.io.checkpoints import cached_state, config_hash, expect_shapes
 from mergelib.models.finetune import lr_factor
-from mergelib.data import TASKS, caption_for, make_pretraining_pool, make_task
+from mergelib.data import MINI_SUITE_TASKS, caption_for, make_pretraining_pool, make_task
 
 BACKBONE = "tiny-clip"
 
@@ -75,7 +75,7 @@ def pretraining_corpus(config: PretrainConfig) -> tuple[torch.Tensor, list[str],
     ]
     sources = list(pool_domains)
     for task in config.tasks:
-        spec = TASKS[task]
+        spec = MINI_SUITE_TASKS[task]
         n_train = min(config.n_per_task, spec.max_train)
         train, _ = make_task(task, n_train=n_train, n_test=1, seed=config.seed)
         templates = spec.caption_templates

@@ -175,9 +175,9 @@ def _miniature_domains() -> Mapping[str, Any]:
 
 
 def _miniature_tasks() -> Mapping[str, Any]:
-    from mergelib.data import TASKS
+    from mergelib.data import MINI_SUITE_TASKS
 
-    return TASKS
+    return MINI_SUITE_TASKS
 
 
 def _methods() -> Mapping[str, Any]:

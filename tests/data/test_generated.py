@@ -15,7 +15,7 @@ from mergelib.data import (
     DOMAIN_BENCHMARK_TEMPLATES,
     DOMAINS,
     FASHION_MNIST_CLASSES,
-    TASKS,
+    MINI_SUITE_TASKS,
     DatasetNotFoundError,
     ImageSet,
     UnknownNameError,
@@ -49,7 +49,7 @@ def test_same_seed_same_bytes_and_fingerprints(small):
     pool_a, dom_a = make_pretraining_pool(("photo", "texture"), 100, seed=0)
     pool_b, dom_b = make_pretraining_pool(("photo", "texture"), 100, seed=0)
     assert pool_a.fingerprint() == pool_b.fingerprint() and dom_a == dom_b
-    for name in TASKS:
+    for name in MINI_SUITE_TASKS:
         (a, _), (b, _) = make_task(name, 50, 20, seed=0), make_task(name, 50, 20, seed=0)
         assert a.fingerprint() == b.fingerprint(), name
 
@@ -61,7 +61,7 @@ def test_different_seed_differs(small):
         assert other.train[d].fingerprint() != small.train[d].fingerprint()
     pools = [make_pretraining_pool(("photo",), 100, seed)[0] for seed in (0, 1)]
     assert pools[0].fingerprint() != pools[1].fingerprint()
-    for name in TASKS:
+    for name in MINI_SUITE_TASKS:
         assert make_task(name, 50, 20, 0)[0].fingerprint() != make_task(name, 50, 20, 1)[0].fingerprint(), name
 
 
@@ -180,7 +180,7 @@ def test_captions_and_templates():
     assert caption_for(DOMAINS["texture"], "coat") == "a textured painting of a coat."
     assert len({DOMAINS[d].caption for d in DOMAINS}) == len(DOMAINS)
     assert all(t.count("{}") == 1 for t in DOMAIN_BENCHMARK_TEMPLATES)
-    for spec in TASKS.values():
+    for spec in MINI_SUITE_TASKS.values():
         assert spec.caption_templates and all(t.count("{}") == 1 for t in spec.caption_templates)
 
 
@@ -218,7 +218,7 @@ def test_unknown_names_list_the_valid_ones():
     for call, bad, valid in (
         (lambda: render_domain("watercolour", gray, 0), "watercolour", DOMAINS),
         (lambda: make_domain_benchmark(("photo", "watercolour")), "watercolour", DOMAINS),
-        (lambda: make_task("cifar", 1, 1, 0), "cifar", TASKS),
+        (lambda: make_task("cifar", 1, 1, 0), "cifar", MINI_SUITE_TASKS),
     ):
         with pytest.raises(UnknownNameError) as info:
             call()
@@ -230,9 +230,9 @@ def test_unknown_names_list_the_valid_ones():
 
 
 # ----------------------------------------------------------------------------- task suite
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("name", sorted(MINI_SUITE_TASKS))
 def test_task_classes_balance_and_format(name):
-    spec = TASKS[name]
+    spec = MINI_SUITE_TASKS[name]
     train, test = make_task(name, 2000, 600, seed=0)
     assert train.classnames == test.classnames == spec.classnames and len(spec.classnames) >= 4
     assert (train.name, test.name) == (f"{name}/train", f"{name}/test")
@@ -246,19 +246,31 @@ def test_task_classes_balance_and_format(name):
 
 
 def test_digits_and_animals_use_their_real_sizes_and_names():
-    assert (TASKS["digits"].max_train, TASKS["digits"].max_test) == (1258, 539)
+    assert (MINI_SUITE_TASKS["digits"].max_train, MINI_SUITE_TASKS["digits"].max_test) == (1258, 539)
     train, test = make_task("digits", 10**6, 10**6, seed=0)
     assert len(train) + len(test) == 1797 and not _ids(train) & _ids(test)
-    assert TASKS["digits"].classnames[:2] == ("zero", "one")
-    assert TASKS["animals"].classnames == ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse",
-                                           "sheep", "zebra")
+    assert MINI_SUITE_TASKS["digits"].classnames[:2] == ("zero", "one")
+    assert MINI_SUITE_TASKS["animals"].classnames == ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
+                                                      "horse", "sheep", "zebra")
+
+
+def test_the_old_names_of_the_mini_suite_and_the_papers_backbones_warn_and_still_work():
+    import mergelib.data
+    from mergelib.data import suite, task_suites
+
+    for module in (mergelib.data, suite):
+        with pytest.warns(DeprecationWarning, match=rf"{module.__name__}.TASKS is now {module.__name__}.MINI_SUITE_TASKS"):
+            assert module.TASKS is MINI_SUITE_TASKS
+    with pytest.warns(DeprecationWarning, match="task_suites.BACKBONES is now mergelib.data.task_suites.PAPER_BACKBONES"):
+        assert task_suites.BACKBONES is task_suites.PAPER_BACKBONES
+    assert set(task_suites.TASKS).isdisjoint(MINI_SUITE_TASKS)  # the papers' tasks: another name, another registry
 
 
 def test_texture_crops_come_from_disjoint_halves():
     for split in ("train", "test"):
         crops = sample_texture_crops(split, 3000, seed=0)
         assert crops.size.min() >= 24 and crops.flip_h.any() and crops.flip_v.any()
-        for c in range(len(TASKS["textures"].classnames)):
+        for c in range(len(MINI_SUITE_TASKS["textures"].classnames)):
             m = crops.labels == c
             start, end = texture_half(c, split)
             assert (crops.left[m] >= start).all() and (crops.left[m] + crops.size[m] <= end).all()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mergelib.models.backbones import batch_to_model_input
-from mergelib.data import make_domain_benchmark, make_task, TASKS
+from mergelib.data import MINI_SUITE_TASKS, make_domain_benchmark, make_task
 from mergelib.models.finetune import FinetuneConfig, finetune_image_encoder, lr_factor
 from mergelib.models.heads import ClassificationHead, ImageClassifier, zero_shot_head
 from mergelib.task_vectors import load_encoder_state
@@ -71,7 +71,7 @@ def test_finetuning_is_deterministic_and_leaves_the_backbone_untouched(sketch_ru
 
 def test_finetuning_works_on_a_task_of_the_suite(tiny_clip):
     train, _ = make_task("digits", n_train=128, n_test=8, seed=0)
-    head = zero_shot_head(tiny_clip, train.classnames, TASKS["digits"].caption_templates)
+    head = zero_shot_head(tiny_clip, train.classnames, MINI_SUITE_TASKS["digits"].caption_templates)
     state, losses = finetune_image_encoder(tiny_clip, head, train, FinetuneConfig(epochs=1, batch_size=64, lr=1e-3, warmup_steps=1), progress=False)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert state.keys() == {"visual." + k for k in tiny_clip.model.visual.state_dict()}
