@@ -35,6 +35,13 @@ cost independent of ``n``. Everything is deterministic for a given ``seed`` (``n
 comparison of the helpers below uses ``seed`` afresh, so a table's interval for ``(a, b)`` is
 the one :func:`paired_bootstrap_ci` gives for ``(a, b)``.
 
+Where more than two models enter one number (a main effect of a 2^3 grid: four cells with a
+level on against four with it off), :func:`contrast_bootstrap_ci` resamples the examples
+jointly for all of them, drawing the counts of the examples' correctness *patterns* (which
+models got it right) from their multinomial. :func:`per_group_differences` gives the paired
+interval of each held-out domain or task alone. Numbers stored without per-example correctness
+get, at most, :func:`unpaired_normal_ci`, the normal approximation for independent test sets.
+
 **Verdicts.** :func:`verdict` writes the book's sentence from a paired interval: "higher" when
 it lies above zero, "lower" below, "indistinguishable at this scale" when it contains zero.
 :func:`indistinguishable_from_best`, :func:`ordering_steps`, :func:`pairwise_differences` and
@@ -281,6 +288,111 @@ def paired_balanced_bootstrap_ci(predictions_a: Any, predictions_b: Any, labels:
     """The difference of two models' balanced accuracies on the same examples, paired and
     resampled within each class (:func:`paired_bootstrap_ci` with ``labels``)."""
     return paired_bootstrap_ci(_equal(predictions_a, labels), _equal(predictions_b, labels), labels=labels, **options)
+
+
+def contrast_bootstrap_ci(correct_by_method: Mapping[str, Any], weights: Mapping[str, float], *, labels: Any = None,
+                          confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """A linear contrast ``C = sum_m weights[m] * S_m`` of several models' accuracies on the same
+    examples, with a bootstrap that resamples the examples *jointly* for every model.
+
+    ``weights`` ``{method: w}`` (e.g. ``{a: 1, b: -1}`` for the difference of
+    :func:`paired_bootstrap_ci`; ``+1/4`` for the four cells of a 2^3 grid with a level on and
+    ``-1/4`` for the four with it off, a main effect). Every method of ``weights`` must have the
+    structure of the others (as for :func:`paired_bootstrap_ci`); ``labels`` gives balanced
+    accuracy. Per stratum, each example has a *pattern* (which models got it right); the contrast
+    depends on a resample only through the counts of the patterns, so a resample draws them as
+    ``Multinomial(n_s; observed pattern frequencies)``, exactly the distribution of drawing
+    ``n_s`` indices with replacement. Resampling the models separately would ignore that they were
+    tested on the same images (and give too narrow an interval when their errors are correlated).
+    Returns ``Interval(contrast, low, high)`` as fractions.
+    """
+    _check_options(confidence, n_resamples, seed)
+    if not isinstance(weights, Mapping) or not weights:
+        raise ParameterError("weights must be a non-empty mapping {method: weight}, e.g. {'a': 1, 'b': -1}")
+    methods = _check_methods(weights, _statistics(correct_by_method), "weights")
+    coefficients = np.array([float(weights[m]) for m in methods])
+    if not np.all(np.isfinite(coefficients)):
+        raise ParameterValueError(f"weights must be finite numbers, got {dict(weights)}")
+    strata = [_strata(correct_by_method[m], f"correct_by_method[{m!r}]", labels) for m in methods]
+    if any(set(s) != set(strata[0]) for s in strata[1:]):
+        raise ParameterValueError(f"the methods {methods} must have the same domains/tasks to be compared on the same "
+                                  f"examples")
+    rng = np.random.default_rng(seed)
+    estimate, draws = 0.0, np.zeros(n_resamples)
+    for path, (weight, _, leaf_labels) in strata[0].items():
+        vectors = [s[path][1] for s in strata]
+        if len({len(v) for v in vectors}) > 1:
+            raise ParameterValueError(f"{_where('correct', path)} has {[len(v) for v in vectors]} examples for "
+                                      f"{methods}: a contrast needs the same test examples, in the same order")
+        for w, arrays in _classes(weight, vectors, leaf_labels):
+            n = len(arrays[0])
+            patterns, counts = np.unique(np.stack(arrays, axis=1), axis=0, return_counts=True)
+            values = patterns.astype(float) @ coefficients  # the contrast of one example of each pattern
+            estimate += w * float(counts @ values) / n
+            if np.all(values == values[0]):  # every resample gives the same value
+                draws += w * values[0]
+                continue
+            draws += w * (rng.multinomial(n, counts / n, size=n_resamples) @ values) / n
+    return Interval(estimate, *_quantiles(draws, confidence))
+
+
+def per_group_differences(correct_a: Any, correct_b: Any, *, labels: Any = None, confidence: float = 0.95,
+                          n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """:func:`paired_bootstrap_ci` of ``a - b`` on each leaf (held-out domain, task) alone: one row
+    per leaf with ``group`` (the path of keys, e.g. ``("sketch",)``), ``difference``, ``low``,
+    ``high`` and ``direction`` (+1, -1, 0): on how many domains a difference is *resolved*, not
+    merely positive."""
+    _check_options(confidence, n_resamples, seed)
+    leaves_a = {path: leaf for path, _, leaf in _leaves(correct_a, "correct_a")}
+    leaves_b = {path: leaf for path, _, leaf in _leaves(correct_b, "correct_b")}
+    if set(leaves_a) != set(leaves_b):
+        raise ParameterValueError("correct_a and correct_b must have the same domains/tasks to be paired")
+    label_leaves = None if labels is None else {path: leaf for path, _, leaf in _leaves(labels, "labels")}
+    rows = []
+    for path, leaf in leaves_a.items():
+        leaf_labels = None
+        if label_leaves is not None:
+            prefix = next((path[:i] for i in range(len(path), -1, -1) if path[:i] in label_leaves), None)
+            leaf_labels = None if prefix is None or prefix != path else label_leaves[path]
+        difference, low, high = paired_bootstrap_ci(leaf, leaves_b[path], labels=leaf_labels, confidence=confidence,
+                                                    n_resamples=n_resamples, seed=seed)
+        rows.append({"group": path, "difference": difference, "low": low, "high": high,
+                     "direction": direction(low, high)})
+    return pd.DataFrame(rows, columns=["group", "difference", "low", "high", "direction"])
+
+
+def unpaired_normal_ci(accuracies_a: Sequence[float], sizes_a: Sequence[int], accuracies_b: Sequence[float],
+                       sizes_b: Sequence[int], *, confidence: float = 0.95) -> Interval:
+    """The difference of two means of per-domain accuracies, ``mean(accuracies_a) -
+    mean(accuracies_b)``, with the normal approximation for *independent* test sets:
+    ``se^2 = (sum_d p_ad (1 - p_ad) / n_ad + sum_d p_bd (1 - p_bd) / n_bd) / D^2`` (``D`` domains
+    on each side).
+
+    Only for numbers stored without per-example correctness (a study that kept accuracies only,
+    the expert-by-domain matrix), where no paired interval can be computed. On the same test
+    images, and with the models' errors positively correlated as they are in practice, the paired
+    interval is narrower: this one is then conservative (it resolves fewer differences).
+    """
+    _check_options(confidence, 1, 0)
+    sides = []
+    for name, values, sizes in (("a", accuracies_a, sizes_a), ("b", accuracies_b, sizes_b)):
+        p, n = np.asarray(values, dtype=float), np.asarray(sizes, dtype=float)
+        if p.ndim != 1 or p.size == 0 or p.shape != n.shape:
+            raise ParameterValueError(f"accuracies_{name} and sizes_{name} must be non-empty lists of the same length")
+        if not np.all((p >= 0) & (p <= 1)) or not np.all(n >= 1):
+            raise ParameterValueError(f"accuracies_{name} must be fractions in [0, 1] and sizes_{name} positive counts")
+        sides.append((p, n))
+    (pa, na), (pb, nb) = sides
+    difference = float(pa.mean() - pb.mean())
+    se = math.sqrt(float(np.sum(pa * (1 - pa) / na)) / len(pa) ** 2 + float(np.sum(pb * (1 - pb) / nb)) / len(pb) ** 2)
+    z = _normal_quantile((1 + confidence) / 2)
+    return Interval(difference, difference - z * se, difference + z * se)
+
+
+def _normal_quantile(q: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(q)
 
 
 def _equal(predictions: Any, labels: Any) -> Any:

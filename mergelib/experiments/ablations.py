@@ -14,8 +14,15 @@ method specs (strings that :func:`mergelib.methods.registry.parse_method_spec` r
   shares SVD factors between the merges made within it (the results are unchanged).
 * :func:`method_means`, :func:`score_ablation_table`, :func:`merge_vs_ensemble`,
   :func:`inference_costs`, :func:`esm_ablation_table` and :func:`level_effects` turn results
-  into the chapter's tables; :func:`comparison` gives the comparative word the prose uses, so
-  that no "higher" or "lower" is ever asserted by hand.
+  into the chapter's tables.
+* Given the per-example correctness the protocols keep (:mod:`mergelib.analysis.stats`;
+  :func:`domain_correctness` and :func:`multitask_correctness` select the rows a protocol
+  reports), every difference they state carries its paired bootstrap interval and verdict:
+  :func:`score_ablation_table` gives each variant's interval against the released SCORE and on
+  how many held-out domains it is *resolved* better or worse; :func:`merge_vs_ensemble` gives
+  the best merge as the set of merges not distinguishable from the top;
+  :func:`level_effect_intervals` gives each ESM level's main effect with its interval.
+  :func:`comparison` is the plain comparative word, for numbers without per-example data.
 
 Means follow SCORE's reporting: per dataset, the unweighted mean over held-out domains; over
 several datasets, the unweighted mean of the datasets' means.
@@ -28,10 +35,11 @@ import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import pandas as pd
 
+from mergelib.analysis import stats
 from mergelib.protocols.domain_generalization import ENSEMBLE, OWN_EXPERT, ZERO_SHOT
 from mergelib.protocols.results import fixed_coefficient_selected
 from mergelib.errors import ParameterError
@@ -47,6 +55,8 @@ ESM_LEVELS = ("task", "dimension", "layer")
 
 #: The label given to a held-out fold when the results hold a single dataset.
 SINGLE_DATASET = "all"
+#: The verdict of a table row when no per-example correctness was given.
+NO_INTERVAL = "no interval (no per-example correctness)"
 
 
 @dataclass(frozen=True)
@@ -260,24 +270,97 @@ def method_means(results: pd.DataFrame, value: str = "value") -> pd.Series:
     return per_dataset.mean(axis=0)
 
 
+def _balanced_benchmarks(results: pd.DataFrame, value: str) -> list[str]:
+    """The benchmarks whose ``value`` is balanced accuracy (their intervals resample within classes)."""
+    if value == "balanced_accuracy":
+        return list(dict.fromkeys(_with_benchmark(results)["benchmark"]))
+    if value != "value" or "metric" not in results:
+        return []
+    rows = _with_benchmark(results)
+    return list(dict.fromkeys(rows.loc[rows["metric"] == "balanced_accuracy", "benchmark"]))
+
+
+def domain_correctness(correctness: pd.DataFrame, variants: Sequence[Variant] = (), *,
+                       methods: Sequence[str] | None = None, balanced: Iterable[str] = ()) -> tuple[dict[str, Any], Any]:
+    """The inputs of :mod:`mergelib.analysis.stats` for the rows the leave-one-domain-out protocol
+    reports: ``(correct_by_method, labels)`` from a correctness table (the test split; the merges
+    at coefficient 1 and the baselines), with the variants renamed as :func:`tabulated` does, nested
+    ``{benchmark: {held_out: correct}}`` (``{held_out: correct}`` without a ``benchmark`` column),
+    so that a method's statistic is the one :func:`method_means` reports. ``labels`` is ``None``
+    (accuracy) unless ``balanced`` names benchmarks read in balanced accuracy (FedISIC,
+    RetinaDomains)."""
+    table = correctness
+    if "split" in table:
+        table = table[table["split"].fillna("test") == "test"]
+    table = tabulated(_rows_at_coefficient_one(table), variants)
+    correct, labels = stats.grouped_correctness(table, methods=methods, levels=("benchmark", "held_out"))
+    balanced = set(balanced)
+    if not balanced:
+        return correct, None
+    if "benchmark" not in table:
+        raise ValueError("balanced accuracy per benchmark needs a benchmark column in the correctness table")
+    return correct, {b: (labels[b] if b in balanced else None) for b in labels}
+
+
+def multitask_correctness(correctness: pd.DataFrame, chosen: pd.DataFrame | None = None, *,
+                          methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """``correct_by_method`` for the rows the multi-task protocol reports: the test split, each
+    merge at the coefficient ``chosen`` on validation (the ``method`` and
+    ``selected_coefficient`` columns of :func:`mergelib.protocols.multitask.select_on_validation`)
+    and the baselines (coefficient empty: zero-shot, the fine-tuned experts); nested
+    ``{benchmark: {task: correct}}`` or ``{task: correct}``, so that a method's statistic is its
+    mean accuracy over the tasks."""
+    table = correctness[correctness["split"].fillna("test") == "test"] if "split" in correctness else correctness
+    if chosen is not None:
+        picked = chosen.groupby("method", sort=False)["selected_coefficient"].first()
+        at = table["method"].map(picked)
+        table = table[(table["coefficient"].isna() & at.isna()) | (table["coefficient"] == at)]
+    correct, _ = stats.grouped_correctness(table, methods=methods, levels=("benchmark", "task"))
+    return correct
+
+
 def score_ablation_table(
-    results: pd.DataFrame, variants: Sequence[Variant], *, value: str = "value", reference: str = SCORE_DEFAULT
+    results: pd.DataFrame, variants: Sequence[Variant], *, value: str = "value", reference: str = SCORE_DEFAULT,
+    correctness: pd.DataFrame | None = None, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per variant: its mean (:func:`method_means`), the difference from ``reference``
-    and on how many of the held-out folds it beats the reference (strictly). ``results`` may
-    hold the variants under their specs or their :attr:`Variant.column` names."""
+    """One row per variant: its mean (:func:`method_means`) and the difference from ``reference``.
+
+    Without ``correctness``: on how many held-out folds the variant beats the reference
+    (``folds better``, point estimates), and the ``verdict`` :data:`NO_INTERVAL`. With the
+    protocol's ``correctness`` table (:mod:`mergelib.analysis.stats`): the paired bootstrap
+    interval of the difference (``low``, ``high``, fractions like ``difference``), its
+    ``verdict`` (:func:`mergelib.analysis.stats.verdict`, in points) and on how many folds the
+    variant is *resolved* better or worse (the fold's own paired interval excludes zero).
+    ``results`` (and the correctness table) may hold the variants under their specs or their
+    :attr:`Variant.column` names.
+    """
     results = tabulated(results, variants)
     folds = per_domain(results, value)
     means = method_means(results, value)
     missing = [v.column for v in variants if v.column not in folds] + ([reference] if reference not in folds else [])
     if missing:
         raise KeyError(f"no results for {missing}; the results hold {sorted(folds.columns)}")
+    options = dict(confidence=confidence, n_resamples=n_resamples, seed=seed)
+    correct = labels = None
+    if correctness is not None:
+        names = list(dict.fromkeys([reference, *(v.column for v in variants)]))
+        correct, labels = domain_correctness(correctness, variants, methods=names,
+                                             balanced=_balanced_benchmarks(results, value))
     rows = []
     for variant in variants:
         name = variant.column
-        rows.append({"group": variant.group, "variant": variant.label, "spec": name, "mean": means[name],
-                     "difference": means[name] - means[reference],
-                     "folds better": int((folds[name] > folds[reference]).sum()), "folds": len(folds)})
+        row = {"group": variant.group, "variant": variant.label, "spec": name, "mean": means[name],
+               "difference": means[name] - means[reference]}
+        if correct is None:
+            row.update({"low": float("nan"), "high": float("nan"), "verdict": NO_INTERVAL,
+                        "folds better": int((folds[name] > folds[reference]).sum())})
+        else:
+            difference, low, high = stats.paired_bootstrap_ci(correct[name], correct[reference], labels=labels, **options)
+            per_fold = stats.per_group_differences(correct[name], correct[reference], labels=labels, **options)
+            row.update({"low": low, "high": high, "verdict": stats.verdict(difference, low, high, confidence=confidence),
+                        "folds resolved better": int((per_fold["direction"] > 0).sum()),
+                        "folds resolved worse": int((per_fold["direction"] < 0).sum())})
+        rows.append({**row, "folds": len(folds)})
     return pd.DataFrame(rows)
 
 
@@ -290,13 +373,29 @@ def best_method(results: pd.DataFrame, methods: Sequence[str], *, value: str = "
     return max(methods, key=lambda m: (means[m], -list(methods).index(m)))
 
 
+class MergeVersusEnsemble(NamedTuple):
+    """What :func:`merge_vs_ensemble` returns; unpacks as ``table, best, indistinguishable``."""
+
+    table: pd.DataFrame
+    #: the merge with the highest mean (the first listed on ties)
+    best: str
+    #: the merges not distinguishable from ``best`` (paired intervals containing zero), ``best``
+    #: first; ``None`` without per-example correctness
+    indistinguishable: list[str] | None
+
+
 def merge_vs_ensemble(
-    results: pd.DataFrame, merge_methods: Sequence[str], *, value: str = "value", reference: str = SCORE_DEFAULT
-) -> tuple[pd.DataFrame, str]:
-    """Per held-out fold: zero-shot, ``reference`` (SCORE), the best of ``merge_methods`` (by
-    mean over the folds, a choice made after seeing the held-out results), the logit ensemble of
-    the other experts and the held-out domain's own expert; the last row is the mean
-    (:func:`method_means`). Returns the table and the best merge's label."""
+    results: pd.DataFrame, merge_methods: Sequence[str], *, value: str = "value", reference: str = SCORE_DEFAULT,
+    correctness: pd.DataFrame | None = None, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+) -> MergeVersusEnsemble:
+    """Per held-out fold: zero-shot, ``reference`` (SCORE), the merge of ``merge_methods`` with
+    the highest mean over the folds (a choice made after seeing the held-out results), the logit
+    ensemble of the other experts and the held-out domain's own expert; the last row is the mean
+    (:func:`method_means`).
+
+    Returns the table, that merge's label and, with the protocol's ``correctness`` table, "the best
+    merge" as it should be reported: the set of merges whose paired interval against the top one
+    contains zero (:func:`mergelib.analysis.stats.indistinguishable_from_best`)."""
     best = best_method(results, merge_methods, value=value)
     columns = list(dict.fromkeys([ZERO_SHOT, reference, best, ENSEMBLE, OWN_EXPERT]))
     folds = per_domain(results, value)
@@ -306,7 +405,14 @@ def merge_vs_ensemble(
     table = folds[columns].copy()
     means = method_means(results, value)[columns]
     table.loc[("mean", "mean"), :] = means.to_numpy()
-    return table, best
+    indistinguishable = None
+    if correctness is not None:
+        ranked = [best, *(m for m in merge_methods if m != best)]  # the top by the results' means first
+        correct, labels = domain_correctness(correctness, methods=ranked, balanced=_balanced_benchmarks(results, value))
+        options = dict(labels=labels, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        indistinguishable = [best] + [m for m in ranked[1:] if stats.direction(
+            *stats.paired_bootstrap_ci(correct[m], correct[best], **options)[1:]) == 0]
+    return MergeVersusEnsemble(table, best, indistinguishable)
 
 
 def inference_costs(n_sources: int, encoder_parameters: int | None = None, *, bytes_per_parameter: int = 4) -> pd.DataFrame:
@@ -358,11 +464,36 @@ def level_effects(table: pd.DataFrame, value: str = "normalized") -> pd.DataFram
     return pd.DataFrame(effects).T.rename_axis("decomposition")
 
 
+def level_effect_intervals(grid: Sequence[EsmVariant], correct_by_method: dict[str, Any], *, labels: Any = None,
+                           confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each polarization level's main effect with its bootstrap interval, per decomposition whose
+    2^3 cells are all in ``grid``: the mean accuracy of the four cells with the level on minus that
+    of the four with it off, a contrast of eight models tested on the same examples
+    (:func:`mergelib.analysis.stats.contrast_bootstrap_ci`, which resamples them jointly).
+    ``correct_by_method`` is keyed by the cells' specs (:func:`multitask_correctness`). Rows:
+    ``decomposition, level, effect, low, high, verdict`` (fractions; the verdict in points)."""
+    rows = []
+    for decomposition in dict.fromkeys(v.decomposition for v in grid):
+        cells = [v for v in grid if v.decomposition == decomposition]
+        if len({tuple(v.switches.values()) for v in cells}) != 2 ** len(ESM_LEVELS):
+            continue
+        for level in ESM_LEVELS:
+            weights = {v.spec: (1 if v.switches[level] else -1) / 2 ** (len(ESM_LEVELS) - 1) for v in cells}
+            effect, low, high = stats.contrast_bootstrap_ci(correct_by_method, weights, labels=labels,
+                                                            confidence=confidence, n_resamples=n_resamples, seed=seed)
+            rows.append({"decomposition": decomposition, "level": level, "effect": effect, "low": low, "high": high,
+                         "verdict": stats.verdict(effect, low, high, confidence=confidence)})
+    return pd.DataFrame(rows, columns=["decomposition", "level", "effect", "low", "high", "verdict"])
+
+
 def comparison(a: float, b: float, *, decimals: int | None = None, tolerance: float = 0.0,
                words: tuple[str, str, str] = ("higher than", "lower than", "equal to")) -> str:
     """The word comparing ``a`` with ``b``: ``words[0]`` when ``a > b + tolerance``, ``words[1]``
     when ``a < b - tolerance``, else ``words[2]``. With ``decimals``, the two are first rounded as
-    the prose shows them, so that two numbers printed alike are never called higher or lower."""
+    the prose shows them, so that two numbers printed alike are never called higher or lower.
+
+    A comparison of point estimates only: for accuracies with per-example correctness, the
+    chapters state :func:`mergelib.analysis.stats.verdict` of the paired interval instead."""
     if decimals is not None:
         a, b = round(float(a), decimals), round(float(b), decimals)
     if a > b + tolerance:

@@ -296,3 +296,59 @@ def test_classification_outcomes_give_the_correct_vector_behind_the_accuracy():
     assert metrics == classification_metrics(logits, labels)
     assert correct.dtype == bool and correct.tolist() == [True, True, False, False]
     assert metrics["accuracy"] == correct.mean()
+
+
+# ----------------------------------------------------------------------------- contrasts and per-domain intervals
+def test_a_two_model_contrast_is_the_paired_difference():
+    rng = np.random.default_rng(12)
+    a, b = _patterns(800, (0.5, 0.12, 0.08, 0.3), rng)
+    paired = paired_bootstrap_ci(a, b, n_resamples=8000)
+    contrast = stats.contrast_bootstrap_ci({"a": a, "b": b}, {"a": 1, "b": -1}, n_resamples=8000)
+    assert contrast.estimate == pytest.approx(paired.estimate, abs=1e-12)
+    width = paired.high - paired.low
+    assert contrast.low == pytest.approx(paired.low, abs=0.08 * width)
+    assert contrast.high == pytest.approx(paired.high, abs=0.08 * width)
+    assert tuple(stats.contrast_bootstrap_ci({"a": a, "b": b}, {"a": 1, "b": -1}, seed=3)) == tuple(
+        stats.contrast_bootstrap_ci({"a": a, "b": b}, {"a": 1, "b": -1}, seed=3))
+
+
+def test_a_contrast_of_four_models_resamples_them_jointly():
+    """(a + b)/2 - (c + d)/2 on the same images, against a literal bootstrap that resamples the
+    same image indices for all four models."""
+    rng = np.random.default_rng(13)
+    base = rng.random(600) < 0.6
+    models = {name: np.where(rng.random(600) < p, ~base, base) for name, p in
+              (("a", 0.05), ("b", 0.1), ("c", 0.2), ("d", 0.15))}
+    weights = {"a": 0.5, "b": 0.5, "c": -0.5, "d": -0.5}
+    estimate, low, high = stats.contrast_bootstrap_ci(models, weights, n_resamples=6000)
+    values = sum(w * models[m].astype(float) for m, w in weights.items())
+    assert estimate == pytest.approx(values.mean(), abs=1e-12)
+    index = np.random.default_rng(0).integers(0, 600, size=(6000, 600))
+    reference = np.quantile(values[index].mean(axis=1), [0.025, 0.975])
+    assert low == pytest.approx(reference[0], abs=0.006) and high == pytest.approx(reference[1], abs=0.006)
+    with pytest.raises(ParameterValueError, match="without correctness data"):
+        stats.contrast_bootstrap_ci(models, {"a": 1, "e": -1})
+    with pytest.raises(ParameterError):
+        stats.contrast_bootstrap_ci(models, {})
+
+
+def test_per_group_differences_give_each_domain_its_own_interval():
+    rng = np.random.default_rng(14)
+    a = {"far": np.ones(400, bool), "tied": rng.random(400) < 0.5}
+    b = {"far": np.zeros(400, bool), "tied": a["tied"].copy()}
+    table = stats.per_group_differences(a, b)
+    assert list(table["group"]) == [("far",), ("tied",)]
+    rows = {row.group[0]: row for row in table.itertuples(index=False)}
+    assert rows["far"].direction == 1 and rows["far"].difference == 1.0
+    assert (rows["tied"].difference, rows["tied"].low, rows["tied"].high, rows["tied"].direction) == (0.0, 0.0, 0.0, 0)
+    single = paired_bootstrap_ci(a["tied"], rng.random(400) < 0.5)
+    assert single.low <= single.estimate <= single.high
+
+
+def test_the_unpaired_normal_interval_is_the_textbook_one():
+    difference, low, high = stats.unpaired_normal_ci([0.7, 0.5], [1000, 400], [0.6, 0.5], [1000, 400])
+    se = math.sqrt((0.7 * 0.3 / 1000 + 0.25 / 400) / 4 + (0.6 * 0.4 / 1000 + 0.25 / 400) / 4)
+    assert difference == pytest.approx(0.05)
+    assert (low, high) == pytest.approx((0.05 - Z95 * se, 0.05 + Z95 * se))
+    with pytest.raises(ParameterValueError):
+        stats.unpaired_normal_ci([1.5], [10], [0.5], [10])

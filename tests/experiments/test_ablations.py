@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from mergelib.analysis import stats
 from mergelib.experiments.ablations import (
     ESM_DEFAULT,
     ESM_LEVELS,
@@ -16,12 +18,15 @@ from mergelib.experiments.ablations import (
     SCORE_DEFAULT,
     SCORE_KEEP_VARIANTS,
     comparison,
+    domain_correctness,
     esm_ablation_table,
     esm_polarization_grid,
     inference_costs,
+    level_effect_intervals,
     level_effects,
     merge_vs_ensemble,
     method_means,
+    multitask_correctness,
     paper_rank_fraction,
     score_ablation_specs,
     score_ablation_table,
@@ -223,13 +228,14 @@ def test_the_paper_rank_averages_over_datasets_with_different_numbers_of_domains
 
 
 def test_merge_vs_ensemble_picks_the_best_merge_by_its_mean():
-    table, best = merge_vs_ensemble(_domain_results(), ["score", "score[keep=diagonal]", "tsv_m"])
+    table, best, indistinguishable = merge_vs_ensemble(_domain_results(), ["score", "score[keep=diagonal]", "tsv_m"])
     means = method_means(_domain_results())
     assert best == "tsv_m" and means["tsv_m"] == max(means[m] for m in ["score", "score[keep=diagonal]", "tsv_m"])
+    assert indistinguishable is None  # no per-example correctness: no set can be stated
     assert list(table.columns) == [ZERO_SHOT, "score", "tsv_m", ENSEMBLE, OWN_EXPERT]
     assert table.loc[("B", "b3"), ENSEMBLE] == pytest.approx(0.1)
     assert table.loc[("mean", "mean")].to_dict() == pytest.approx(means[list(table.columns)].to_dict())
-    _, only = merge_vs_ensemble(_domain_results(), ["score"])
+    only = merge_vs_ensemble(_domain_results(), ["score"]).best
     assert only == "score"
     tied = _domain_results().replace({"method": {"tsv_m": "tsv_copy"}})
     tied = pd.concat([tied, _domain_results().query("method == 'tsv_m'")])
@@ -282,3 +288,155 @@ def test_comparison_words():
     assert comparison(46.281, 46.279, decimals=2) == "equal to"  # both print as 46.28
     assert comparison(46.286, 46.279, decimals=2) == "higher than"
     assert not math.isnan(method_means(_domain_results())[ZERO_SHOT])
+
+
+# ----------------------------------------------------------------------------- intervals
+N_PER_DOMAIN = 600
+DOMAINS = {"A": ("a1", "a2"), "B": ("b1", "b2", "b3")}
+
+
+def _flip(correct: np.ndarray, to_right: float, to_wrong: float, rng: np.random.Generator) -> np.ndarray:
+    """``correct`` with a share ``to_right`` of its wrong answers made right and ``to_wrong`` of
+    its right answers made wrong (a model tested on the same images, partly agreeing)."""
+    draw = rng.random(len(correct))
+    return np.where(correct, draw >= to_wrong, draw < to_right)
+
+
+def _correctness_case(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Results and their correctness table on two datasets: per held-out domain, SCORE right on
+    about 60 % of the images; a variant much better (``clear``), one identical to SCORE
+    (``same``), one that differs from it on a few images both ways (``close``); the baselines; and a
+    coefficient-0.5 SCORE row (all wrong) that every table must ignore."""
+    rng = np.random.default_rng(seed)
+    records, rows = [], []
+    for dataset, domains in DOMAINS.items():
+        for domain in domains:
+            labels = rng.integers(0, 10, N_PER_DOMAIN)
+            score = rng.random(N_PER_DOMAIN) < 0.6
+            models = {ZERO_SHOT: _flip(score, 0.0, 0.5, rng), "score": score,
+                      "score[keep=diagonal]": _flip(score, 0.6, 0.0, rng), "score[keep=full]": score.copy(),
+                      "score[keep=off_diagonal]": _flip(score, 0.02, 0.013, rng),
+                      ENSEMBLE: _flip(score, 0.3, 0.1, rng), OWN_EXPERT: _flip(score, 0.9, 0.0, rng)}
+            for method, correct in models.items():
+                coefficient = float("nan") if method in (ZERO_SHOT, ENSEMBLE, OWN_EXPERT) else 1.0
+                keys = dict(benchmark=dataset, held_out=domain, method=method, coefficient=coefficient)
+                records.append(stats.correctness_record(correct, labels, split="test", **keys))
+                rows.append({**keys, "value": correct.mean(), "metric": "accuracy"})
+            wrong = np.zeros(N_PER_DOMAIN, bool)
+            keys = dict(benchmark=dataset, held_out=domain, method="score", coefficient=0.5)
+            records.append(stats.correctness_record(wrong, labels, split="test", **keys))
+            rows.append({**keys, "value": 0.0, "metric": "accuracy"})
+    return pd.DataFrame(rows), stats.correctness_frame(records)
+
+
+CLEAR, SAME, CLOSE = "score[keep=diagonal]", "score[keep=full]", "score[keep=off_diagonal]"
+
+
+def _variants() -> list:
+    return [v for v in SCORE_KEEP_VARIANTS if v.spec in ("score", CLEAR, SAME, CLOSE)]
+
+
+def _literal_bootstrap(a: dict, b: dict, resamples: int, seed: int) -> np.ndarray:
+    """The paired difference of {dataset: {domain: correct}} means under a literal resample of
+    example indices within each domain (the definition, independent of the count draws)."""
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(resamples)
+    for dataset in a:
+        for domain in a[dataset]:
+            x, y = a[dataset][domain].astype(float), b[dataset][domain].astype(float)
+            index = rng.integers(0, len(x), size=(resamples, len(x)))
+            draws += (x[index].mean(1) - y[index].mean(1)) / len(a[dataset]) / len(a)
+    return draws
+
+
+def test_score_ablation_table_gives_each_difference_its_paired_interval():
+    results, correctness = _correctness_case()
+    table = score_ablation_table(results, _variants(), correctness=correctness).set_index("spec")
+    assert table.equals(score_ablation_table(results, _variants(), correctness=correctness).set_index("spec"))
+    assert not table.equals(score_ablation_table(results, _variants(), correctness=correctness, seed=1).set_index("spec"))
+    means = method_means(results)
+    for spec, row in table.iterrows():
+        assert row["difference"] == pytest.approx(means[spec] - means["score"])
+        assert row["low"] <= row["difference"] <= row["high"]
+    # the variant identical to SCORE: a zero-width interval at 0, never "lower" or "higher"
+    assert tuple(table.loc[SAME, ["difference", "low", "high"]]) == (0.0, 0.0, 0.0)
+    assert table.loc[SAME, "verdict"].startswith("indistinguishable at this scale")
+    assert table.loc[SAME, ["folds resolved better", "folds resolved worse"]].tolist() == [0, 0]
+    # a clear difference is resolved, overall and on every fold
+    assert table.loc[CLEAR, "low"] > 0 and table.loc[CLEAR, "verdict"].startswith("higher (+")
+    assert table.loc[CLEAR, "folds resolved better"] == table.loc[CLEAR, "folds"] == 5
+    # a variant that differs on a few images: its small difference is not resolved
+    assert abs(table.loc[CLOSE, "difference"]) < 0.01 and table.loc[CLOSE, "low"] < 0 < table.loc[CLOSE, "high"]
+    assert "indistinguishable" in table.loc[CLOSE, "verdict"] and "folds better" not in table
+
+
+def test_the_ablation_interval_agrees_with_a_literal_index_bootstrap():
+    results, correctness = _correctness_case(seed=3)
+    row = score_ablation_table(results, _variants(), correctness=correctness, n_resamples=4000).set_index("spec").loc[CLOSE]
+    selected = correctness[correctness["coefficient"].isna() | (correctness["coefficient"] == 1.0)]
+    nested = {m: {d: {h: selected[(selected.method == m) & (selected.benchmark == d) & (selected.held_out == h)]
+                      ["correct"].iloc[0] for h in domains} for d, domains in DOMAINS.items()} for m in (CLOSE, "score")}
+    literal = _literal_bootstrap(nested[CLOSE], nested["score"], 4000, seed=11)
+    low, high = np.quantile(literal, [0.025, 0.975])
+    width = high - low
+    assert row["high"] - row["low"] == pytest.approx(width, rel=0.1)
+    assert row["low"] == pytest.approx(low, abs=0.1 * width) and row["high"] == pytest.approx(high, abs=0.1 * width)
+
+
+def test_merge_vs_ensemble_reports_the_set_of_merges_not_distinguishable_from_the_top():
+    results, correctness = _correctness_case()
+    merges = ["score", SAME, CLOSE, CLEAR]
+    table, best, indistinguishable = merge_vs_ensemble(results, merges, correctness=correctness)
+    assert best == CLEAR and indistinguishable == [CLEAR]  # far above every other merge
+    table, best, indistinguishable = merge_vs_ensemble(results, ["score", SAME, CLOSE], correctness=correctness)
+    means = method_means(results)
+    assert best == max(["score", SAME, CLOSE], key=lambda m: means[m])
+    assert set(indistinguishable) == {"score", SAME, CLOSE} and indistinguishable[0] == best
+    assert table.loc[("mean", "mean"), best] == pytest.approx(means[best])
+
+
+def test_domain_and_multitask_correctness_select_the_reported_rows():
+    results, correctness = _correctness_case()
+    correct, labels = domain_correctness(correctness)
+    assert labels is None and set(correct["score"]) == {"A", "B"} and set(correct["score"]["B"]) == {"b1", "b2", "b3"}
+    assert stats.accuracy(correct["score"]) == pytest.approx(method_means(results)["score"])  # not the 0.5 rows
+    _, balanced = domain_correctness(correctness, balanced=["B"])
+    assert balanced["A"] is None and set(balanced["B"]) == {"b1", "b2", "b3"}
+    rng = np.random.default_rng(0)
+    records, labels = [], rng.integers(0, 3, 50)
+    for task in ("t1", "t2"):
+        for method, coefficient in (("ta", 0.5), ("ta", 1.0), (ZERO_SHOT, float("nan"))):
+            for split in ("val", "test"):
+                right = np.full(50, coefficient == 1.0) if method == "ta" else np.arange(50) < 10
+                records.append(stats.correctness_record(right, labels, method=method, coefficient=coefficient,
+                                                        split=split, task=task))
+    chosen = pd.DataFrame({"method": ["ta", "ta"], "task": ["t1", "t2"], "selected_coefficient": [1.0, 1.0]})
+    picked = multitask_correctness(stats.correctness_frame(records), chosen)
+    assert set(picked) == {"ta", ZERO_SHOT} and set(picked["ta"]) == {"t1", "t2"}
+    assert stats.accuracy(picked["ta"]) == 1.0 and stats.accuracy(picked[ZERO_SHOT]) == pytest.approx(0.2)
+
+
+def test_level_effect_intervals_recover_known_main_effects():
+    """An additive design on the same images: the layer level makes a fixed 20 % of the images
+    right, the dimension level a fixed 5 % wrong, the task level changes nothing."""
+    rng = np.random.default_rng(4)
+    grid = esm_polarization_grid(["esd"])
+    base = {task: rng.random(800) < 0.5 for task in ("t1", "t2")}
+    gain = {task: (~base[task]) & (rng.random(800) < 0.4) for task in base}
+    loss = {task: base[task] & ~gain[task] & (rng.random(800) < 0.1) for task in base}
+    correct = {}
+    for variant in grid:
+        correct[variant.spec] = {task: (base[task] | (gain[task] if variant.layer else False))
+                                 & ~(loss[task] if variant.dimension else False) for task in base}
+    table = level_effect_intervals(grid, correct).set_index("level")
+    assert list(table.index) == list(ESM_LEVELS)
+    expected_layer = np.mean([gain[t].mean() for t in base])
+    expected_dimension = -np.mean([loss[t].mean() for t in base])
+    assert table.loc["layer", "effect"] == pytest.approx(expected_layer)
+    assert table.loc["dimension", "effect"] == pytest.approx(expected_dimension)
+    assert tuple(table.loc["task", ["effect", "low", "high"]]) == (0.0, 0.0, 0.0)
+    assert table.loc["layer", "verdict"].startswith("higher") and table.loc["dimension", "verdict"].startswith("lower")
+    assert table.loc["task", "verdict"].startswith("indistinguishable")
+    for level in ESM_LEVELS:
+        assert table.loc[level, "low"] <= table.loc[level, "effect"] <= table.loc[level, "high"]
+    assert level_effect_intervals(grid[:-1], correct).empty  # not all eight cells: no main effect
