@@ -6,17 +6,26 @@ chapter starts from (:func:`backbone_weights`, one meaning of ``weights="random"
 benchmark chapters), the parsers of the benchmark files that the performance chapter shows
 (``results/benchmarks/merge-*.json`` and ``finetune-*.json``) and the synthetic layer of its
 stability measurements.
+
+Every comparison a chapter states between two of the book's accuracies goes through
+:class:`Evidence` (the per-example correctness of the models compared): its sentences are
+:func:`mergelib.analysis.stats.verdict` of the paired interval, "the best" is the set not
+distinguishable from the top, and an ordering says how many of its steps are resolved.
+:func:`seeds_beside` puts the seeds study's spread beside a chapter's single-run numbers.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from mergelib.analysis import stats
 from mergelib.io.provenance import REPO_ROOT
 
 RANDOM_INIT_SEED = 0  # the seed of the untrained initialisation that weights="random" means
@@ -230,3 +239,193 @@ def synthetic_task_layers(shape: Sequence[int], tasks: int, *, seed: int = 0, ra
         noise = torch.randn(m, n, generator=generator, dtype=torch.float64)
         vectors.append({SYNTHETIC_KEY: 1e-3 * (0.3 * (shared + own) / rank + 0.1 * noise)})
     return vectors
+
+
+# ----------------------------------------------------------------------------- comparisons
+def joined(names: Sequence[str]) -> str:
+    """``"a"``, ``"a and b"``, ``"a, b and c"``."""
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1] if names else ""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The per-example correctness of the models a chapter compares, and the sentences it may
+    state about them.
+
+    ``correct`` is ``{method: correctness}`` in the structures of :mod:`mergelib.analysis.stats`
+    (e.g. :func:`mergelib.experiments.ablations.domain_correctness`); ``labels`` gives balanced
+    accuracy. Every interval is the paired percentile bootstrap of
+    :func:`mergelib.analysis.stats.paired_bootstrap_ci` with these options; numbers are fractions
+    unless a method says points or percent.
+    """
+
+    correct: Mapping[str, Any]
+    labels: Any = None
+    confidence: float = 0.95
+    n_resamples: int = 2000
+    seed: int = 0
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(labels=self.labels, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
+
+    def restricted(self, methods: Sequence[str]) -> "Evidence":
+        """The same evidence for ``methods`` only (in that order)."""
+        missing = [m for m in methods if m not in self.correct]
+        if missing:
+            raise KeyError(f"no per-example correctness for {missing}; there is for {list(self.correct)}")
+        return Evidence({m: self.correct[m] for m in methods}, **{k: v for k, v in self.options.items()})
+
+    def accuracy(self, method: str) -> float:
+        return stats.accuracy(self.correct[method], labels=self.labels)
+
+    def interval(self, a: str, b: str) -> stats.Interval:
+        """The difference ``a - b`` and its paired interval."""
+        return stats.paired_bootstrap_ci(self.correct[a], self.correct[b], **self.options)
+
+    def versus(self, a: str, b: str) -> str:
+        """The book's sentence for ``a`` against ``b``: "higher (+0.9 points, 95 % CI +0.4 to
+        +1.4)", "lower (...)" or "indistinguishable at this scale (...)"."""
+        return stats.verdict(*self.interval(a, b), confidence=self.confidence)
+
+    def direction(self, a: str, b: str) -> int:
+        return stats.direction(*self.interval(a, b)[1:])
+
+    def best(self, methods: Sequence[str] | None = None) -> list[str]:
+        """The methods (of ``methods``) not distinguishable from the top one, the top first."""
+        return stats.indistinguishable_from_best(self.restricted(methods or list(self.correct)).correct,
+                                                 **self.options)
+
+    def best_sentence(self, methods: Sequence[str] | None = None, name: Callable[[str], str] = str) -> str:
+        """"X has the highest mean (45.9 %); not distinguishable from it at this scale: Y and Z"
+        or "...; every other method is resolved below it"."""
+        best = self.best(methods)
+        text = f"{name(best[0])} has the highest mean ({100 * self.accuracy(best[0]):.1f} %)"
+        if len(best) == 1:
+            return text + "; every other one is resolved below it"
+        return text + f"; not distinguishable from it at this scale: {joined([name(m) for m in best[1:]])}"
+
+    def tally(self, reference: str, methods: Sequence[str]) -> dict[int, list[str]]:
+        """``{+1: [...], -1: [...], 0: [...]}``: the methods resolved above ``reference``, below
+        it, and not distinguishable from it."""
+        found: dict[int, list[str]] = {1: [], -1: [], 0: []}
+        for method in methods:
+            found[self.direction(method, reference)].append(method)
+        return found
+
+    def tally_sentence(self, reference: str, methods: Sequence[str], *, reference_name: str | None = None) -> str:
+        """E.g. "3 of the 12 are resolved above zero-shot, 2 below it and 7 are indistinguishable
+        from it at this scale"."""
+        found = self.tally(reference, methods)
+        return (f"{len(found[1])} of the {len(methods)} are resolved above {reference_name or reference}, "
+                f"{len(found[-1])} below it and {len(found[0])} {'is' if len(found[0]) == 1 else 'are'} "
+                f"indistinguishable from it at this scale")
+
+    def folds(self, a: str, b: str) -> dict[int, int]:
+        """On how many held-out domains (tasks) ``a`` is resolved above ``b`` (+1), below (-1) or
+        neither (0), each domain judged by its own paired interval."""
+        directions = stats.per_group_differences(self.correct[a], self.correct[b], **self.options)["direction"]
+        return {d: int((directions == d).sum()) for d in (1, -1, 0)}
+
+    def folds_sentence(self, a: str, b: str, b_name: str | None = None) -> str:
+        """E.g. "resolved above zero-shot on 2 of the 6 held-out domains and below it on 1"."""
+        counts = self.folds(a, b)
+        total = sum(counts.values())
+        return (f"resolved above {b_name or b} on {counts[1]} of the {total} held-out domains and below it on "
+                f"{counts[-1]}")
+
+    def differences(self, reference: str | None = None, pairs: Sequence[tuple[str, str]] | None = None,
+                    name: Callable[[str], str] = str) -> pd.DataFrame:
+        """The paired differences (:func:`mergelib.analysis.stats.pairwise_differences`) as a
+        table to show: ``method, versus, difference, low, high`` in points and ``verdict``."""
+        table = stats.pairwise_differences(self.correct, reference=reference, pairs=pairs, **self.options)
+        table[["difference", "low", "high"]] *= 100
+        table["method"], table["versus"] = table["method"].map(name), table["versus"].map(name)
+        return table[["method", "versus", "difference", "low", "high", "verdict"]]
+
+    def error_bars(self, methods: Sequence[str] | None = None) -> pd.DataFrame:
+        """:func:`mergelib.analysis.stats.error_bars` in percent (``estimate, low, high, below,
+        above``), for ``ax.bar(..., yerr=bars[["below", "above"]].T.to_numpy())``."""
+        return 100 * stats.error_bars(self.restricted(methods or list(self.correct)).correct, **self.options)
+
+    def ordering(self, order: Sequence[str]) -> stats.Ordering:
+        """How many steps of a claimed ordering (best first) the evidence resolves."""
+        return stats.ordering_steps(self.correct, order, **self.options)
+
+
+def unpaired_sentence(difference: float, low: float, high: float, confidence: float = 0.95) -> str:
+    """:func:`mergelib.analysis.stats.verdict` of an interval computed without per-example data
+    (:func:`mergelib.analysis.stats.unpaired_normal_ci`), saying so."""
+    return stats.verdict(difference, low, high, confidence=confidence)[:-1] + ", unpaired normal approximation)"
+
+
+# ----------------------------------------------------------------------------- the seeds study
+#: Configuration fields that do not change what a seeds-study run measures for a chapter.
+SEEDS_IGNORED_FIELDS = ("methods", "sweep_methods", "coefficients", "cache_dir", "device", "finetune_seed",
+                        "pretrain_seed", "batch_size", "esm_proxy_count")
+SEEDS_MISSING = "not available in this build: run `make seeds-study`"
+
+
+@dataclass(frozen=True)
+class SeedsBeside:
+    """The seeds study's spread beside a chapter's single-run numbers (:func:`seeds_beside`)."""
+
+    table: pd.DataFrame  # per method: this run and the study's mean, sd, min, max (percent), seeds
+    sentence: str        # what the study is, and the spread in words; or SEEDS_MISSING
+    available: bool
+
+
+def _normalized(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+def seeds_beside(single: pd.Series, setting: str, *, config: Mapping[str, Any] | None = None,
+                 study_dir: str | Path | None = None, factor: str = "fine-tuning",
+                 name: Callable[[str], str] = str) -> SeedsBeside:
+    """The mean and spread across seeds (:func:`mergelib.experiments.seeds_study.seed_spread`)
+    beside ``single`` (this run's mean per method, in percent), for the methods of both, in the
+    order of ``single``.
+
+    ``study_dir`` defaults to ``results/studies/miniature_seeds``; ``setting`` is
+    ``"domain_generalization"`` or ``"multitask"``. When the study is absent, the table holds one
+    note and the sentence is :data:`SEEDS_MISSING`. With ``config`` (the chapter's
+    ``MiniatureConfig.as_dict()``) the sentence says when the study ran another configuration.
+    """
+    from mergelib.experiments.seeds_study import SEEDS_STUDY_DIR, seed_spread
+    from mergelib.protocols.results import load_results
+
+    directory = Path(study_dir) if study_dir else SEEDS_STUDY_DIR
+    missing = SeedsBeside(pd.DataFrame({"note": [f"no seeds study in {directory}: run `make seeds-study`"]}),
+                          SEEDS_MISSING, False)
+    if not (directory / "results.csv").exists():
+        return missing
+    study = load_results(directory / "results.csv")
+    if "factor" not in study or not (study["factor"] == factor).any() or not (study["setting"] == setting).any():
+        return missing
+    spread = seed_spread(study, factor=factor)
+    spread = spread[spread["setting"] == setting].set_index("method")
+    methods = [m for m in single.index if m in spread.index]
+    if not methods:
+        return missing
+    table = pd.DataFrame({"this run (%)": single[methods], "seeds: mean (%)": spread.loc[methods, "mean"],
+                          "sd (points)": spread.loc[methods, "std"], "min (%)": spread.loc[methods, "min"],
+                          "max (%)": spread.loc[methods, "max"], "seeds": spread.loc[methods, "seeds"].astype(int)})
+    table.index = [name(m) for m in methods]
+    table.index.name = "method"
+    record = json.loads((directory / "provenance.json").read_text()) if (directory / "provenance.json").exists() else {}
+    when = (f"a run of {str(record.get('created', ''))[:10]} at commit {str(record.get('git', {}).get('commit'))[:10]}"
+            if record else "no provenance record")
+    seeds = int(table["seeds"].max())
+    sd = table["sd (points)"].dropna()
+    sentence = (f"Across {seeds} {factor} seeds (the seeds study, {when}), the mean accuracy of a method moves "
+                f"with a standard deviation of {sd.min():.1f} to {sd.max():.1f} points (median {sd.median():.1f})"
+                if len(sd) else f"The seeds study ({when}) has one {factor} seed per method: no spread")
+    if config is not None and record.get("parameters"):
+        study_parameters, own = _normalized(record["parameters"]), _normalized(dict(config))
+        differing = sorted(k for k in study_parameters if k in own and k not in SEEDS_IGNORED_FIELDS
+                           and study_parameters[k] != own[k])
+        if differing:
+            sentence += (f"; the study ran another configuration than this build (it differs in "
+                         f"{', '.join(differing)}), so its numbers are not this run's reruns")
+    return SeedsBeside(table, sentence, True)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -50,3 +52,71 @@ def test_synthetic_layers_are_seeded():
     b = bh.synthetic_task_layers([12, 6], 3, seed=1)
     assert len(a) == 3 and a[0][bh.SYNTHETIC_KEY].shape == (12, 6)
     assert all(torch.equal(x[bh.SYNTHETIC_KEY], y[bh.SYNTHETIC_KEY]) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- comparisons
+def _evidence():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = {d: rng.random(500) < 0.6 for d in ("photo", "sketch")}
+    flip = {d: rng.random(500) for d in base}
+    correct = {"top": {d: base[d] | (flip[d] < 0.5) for d in base},  # far above the others
+               "same": {d: base[d].copy() for d in base},
+               "base": base,
+               "bad": {d: base[d] & (flip[d] < 0.5) for d in base}}
+    return bh.Evidence(correct)
+
+
+def test_evidence_sentences_follow_the_paired_interval():
+    from mergelib.analysis import stats
+
+    evidence = _evidence()
+    assert evidence.versus("top", "base") == stats.verdict(*stats.paired_bootstrap_ci(
+        evidence.correct["top"], evidence.correct["base"]))
+    assert evidence.versus("top", "base").startswith("higher (+")
+    assert evidence.versus("bad", "base").startswith("lower (\u2212")
+    assert evidence.versus("same", "base") == "indistinguishable at this scale (0.0 points, 95 % CI 0.0 to 0.0)"
+    assert evidence.best() == ["top"] and evidence.best(["same", "base", "bad"]) == ["same", "base"]
+    assert evidence.best_sentence(["same", "base", "bad"]).endswith("not distinguishable from it at this scale: base")
+    assert evidence.best_sentence().endswith("every other one is resolved below it")
+    assert evidence.tally("base", ["top", "same", "bad"]) == {1: ["top"], -1: ["bad"], 0: ["same"]}
+    assert evidence.tally_sentence("base", ["top", "same", "bad"]) == (
+        "1 of the 3 are resolved above base, 1 below it and 1 is indistinguishable from it at this scale")
+    assert evidence.folds("top", "base") == {1: 2, -1: 0, 0: 0}
+    assert evidence.folds_sentence("bad", "base", "B").startswith("resolved above B on 0 of the 2 held-out domains")
+    table = evidence.differences(reference="base")
+    assert list(table["method"]) == ["top", "same", "bad"] and (table["low"] <= table["difference"]).all()
+    assert evidence.ordering(["top", "base", "bad"]).resolved == 2
+    bars = evidence.error_bars(["top", "bad"])
+    assert list(bars.index) == ["top", "bad"] and bars.loc["top", "estimate"] > 50  # percent
+    assert bh.unpaired_sentence(0.01, -0.002, 0.022).endswith("unpaired normal approximation)")
+
+
+def test_seeds_beside_reads_the_study_or_says_how_to_make_it(tmp_path):
+    import pandas as pd
+
+    single = pd.Series({"score": 45.0, "tsv_m": 46.0, "not in study": 40.0})
+    missing = bh.seeds_beside(single, "domain_generalization", study_dir=tmp_path / "none")
+    assert not missing.available and missing.sentence == bh.SEEDS_MISSING and "make seeds-study" in missing.table.iloc[0, 0]
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, -0.02)):
+        for method in ("score", "tsv_m"):
+            for domain in ("photo", "sketch"):
+                value = 0.45 + shift + (0.01 if method == "tsv_m" else 0.0)
+                rows.append({"setting": "domain_generalization", "benchmark": "fashion-domains", "backbone": "tiny-clip",
+                             "method": method, "coefficient": 1.0, "selected": True, "split": "test",
+                             "held_out": domain, "n_examples": 100, "accuracy": value, "metric": "accuracy",
+                             "value": value, "factor": "fine-tuning", "finetune_seed": seed, "pretrain_seed": 0})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "provenance.json").write_text(
+        '{"created": "2026-01-02T00:00:00", "git": {"commit": "abcdef1234567"}, "parameters": {"n_test": 1000}}')
+    found = bh.seeds_beside(single, "domain_generalization", study_dir=tmp_path, config={"n_test": 96})
+    assert found.available and list(found.table.index) == ["score", "tsv_m"]
+    assert found.table.loc["score", "seeds: mean (%)"] == pytest.approx(45.0)
+    assert found.table.loc["score", "sd (points)"] == pytest.approx(2.0) and found.table.loc["score", "seeds"] == 3
+    assert "Across 3 fine-tuning seeds" in found.sentence and "2026-01-02 at commit abcdef1234" in found.sentence
+    assert "differs in n_test" in found.sentence
+    assert "differs" not in bh.seeds_beside(single, "domain_generalization", study_dir=tmp_path,
+                                           config={"n_test": 1000}).sentence
+    assert not bh.seeds_beside(single, "multitask", study_dir=tmp_path).available
