@@ -27,7 +27,7 @@ MERGE_FILES_PARAMETERS = {"method", "pretrained", "experts", "parameters", "alph
 def merge_files_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Merge safetensors experts into a pretrained file with a registered method.
 
-    params: ``method`` (a name of :data:`mergelib.METHODS`), ``pretrained`` (path), ``experts``
+    params: ``method`` (a name of :data:`mergelib.methods.registry.METHODS`), ``pretrained`` (path), ``experts``
     (paths), optional ``parameters`` (the method's), ``alpha`` (1.0), ``prefix`` ("": every
     floating-point tensor; "visual." for the image encoder) and ``device``. Use absolute paths:
     workers may start elsewhere. Writes ``merged.safetensors`` (its manifest in its header) in the
