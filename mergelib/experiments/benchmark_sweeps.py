@@ -36,6 +36,7 @@ import pandas as pd
 from mergelib.io.checkpoints import atomic_write
 from mergelib.errors import ParameterValueError
 from mergelib.experiments.sweep import Job, check_job_params, plan_sweep, register_job_kind
+from mergelib.analysis.stats import load_correctness, save_correctness
 
 #: Options of the leave-one-domain-out jobs (keyword arguments of prepare_dg_experiment).
 DG_OPTIONS = ("weights", "device", "precision", "epochs", "batch_size", "accumulation_steps", "num_workers",
@@ -89,11 +90,14 @@ def dg_fold_job(params: dict[str, Any], workdir: Path) -> dict[str, Any]:
     with ``methods``, and the baselines); writes ``results.csv`` and ``matrix.csv``."""
     check_job_params("dg-fold", params, (*_DG_BASE, "domains", "held_out", "methods"), DG_OPTIONS)
     experiment = _experiment(params, params["domains"])
-    results, matrix, timings = experiment.evaluate(params["methods"], held_out=[params["held_out"]], progress=False)
+    results, matrix, timings, correctness = experiment.evaluate(params["methods"], held_out=[params["held_out"]],
+                                                                progress=False)
     paths = {name: Path(workdir) / f"{name}.csv" for name in ("results", "matrix")}
     for name, table in (("results", results), ("matrix", matrix)):
         atomic_write(paths[name], lambda tmp, t=table: t.to_csv(tmp, index=False))
+    save_correctness(Path(workdir) / "correctness.npz", correctness, {"job": "dg-fold", "params": params})
     return {"results": str(paths["results"].resolve()), "matrix": str(paths["matrix"].resolve()),
+            "correctness": str((Path(workdir) / "correctness.npz").resolve()),
             "value": results.set_index("method")["value"].to_dict(), "timings": timings}
 
 
@@ -119,8 +123,11 @@ def dg_collect_job(params: dict[str, Any], workdir: Path, *, inputs: Mapping[str
     for record in inputs.values():
         for stage, seconds in (record["outputs"].get("timings") or {}).items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+    stored = [folds[d]["outputs"].get("correctness") for d in experiment.domains]  # absent: a fold of mergelib < 0.2
+    correctness = (pd.concat([load_correctness(path)[0] for path in stored], ignore_index=True)
+                   if all(stored) else None)
     out = experiment.store(results, matrix, params["results_dir"], methods=params["methods"], git=git_state(),
-                           timings=timings, experts=experts)
+                           timings=timings, experts=experts, correctness=correctness)
     means = results.groupby("method", sort=False)["value"].mean()
     return {"store": str(out.resolve()), "mean_value": means.to_dict(), "n_folds": len(folds)}
 

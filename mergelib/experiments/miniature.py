@@ -27,7 +27,7 @@ import torch
 
 from mergelib.models.backbones import BACKBONES, Clip, create_clip
 from mergelib.io.checkpoints import cached_state, cached_tables, config_hash, expect_shapes
-from mergelib.data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, TASKS, ImageSet, make_domain_benchmark, make_task
+from mergelib.data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, MINI_SUITE_TASKS, ImageSet, make_domain_benchmark, make_task
 from mergelib.protocols.domain_generalization import evaluate_leave_one_domain_out
 from mergelib.errors import ParameterError, lookup
 from mergelib.models.evaluation import EncoderEvaluator
@@ -38,8 +38,8 @@ from mergelib.methods import parse_method_spec
 from mergelib.methods.common import check_choice, resolve_device
 from mergelib.methods.esm import needs_essential_subspaces
 from mergelib.protocols.multitask import evaluate_multitask
-from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, conform
-from mergelib.analysis.stats import correctness_frame, correctness_record, load_correctness, save_correctness
+from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, CorrectnessCollector, conform
+from mergelib.analysis.stats import load_correctness, save_correctness
 from mergelib.methods.common import coerce_parameter
 from mergelib.models.pretrain import PretrainConfig, pretrained_tiny_clip
 from mergelib.io.provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
@@ -133,7 +133,7 @@ class MiniatureConfig:
         if missing:
             raise ParameterError(f"sweep_methods {missing} must also be listed in 'methods'")
         for task in self.tasks:
-            lookup(TASKS, "task", task)
+            lookup(MINI_SUITE_TASKS, "task", task)
         if len(self.domains) < 2:
             raise ParameterError("parameter 'domains' needs at least two domains for leave-one-domain-out")
         for name in ("epochs", "n_train", "n_test", "batch_size", "pretrain_epochs", "pretrain_per_domain",
@@ -308,7 +308,7 @@ def prepare_task_experts(config: MiniatureConfig = MiniatureConfig(), *, progres
     with timer.stage("backbone (pretrain or load)"):
         backbone = load_backbone(config, _cache_dir(config), device, progress)
     with timer.stage("zero-shot heads"):
-        templates = {t: tuple(TASKS[t].caption_templates) for t in names}
+        templates = {t: tuple(MINI_SUITE_TASKS[t].caption_templates) for t in names}
         heads = {t: zero_shot_head(backbone.clip, splits[t][0].classnames, templates[t]) for t in names}
     train = {t: splits[t][0] for t in names}
     with timer.stage("fine-tune experts"):
@@ -373,17 +373,10 @@ def _cached_protocol(
         if key["esm_proxies"]:
             fold = esm_fold_parameters(proxy_subspaces(prepared, count=count, seed=config.seed, source=esm_proxy_source))
         evaluator = EncoderEvaluator(prepared.clip, device=resolve_device(config.device))
-        records = []
-
-        def on_correct(row: dict, correct: Any, labels: Any) -> None:
-            name = row.get("held_out", row.get("task"))
-            keys = {k: row[k] for k in ("method", "coefficient", "split", "held_out", "task") if k in row}
-            records.append(correctness_record(correct, labels, test_set=test_sets[row.get("split", "test"), name].fingerprint(),
-                                              **keys))
-
-        tables = evaluate(evaluator, per_method, fold, on_correct)
+        collector = CorrectnessCollector(lambda split, name: test_sets[split, name].fingerprint())
+        tables = evaluate(evaluator, per_method, fold, collector)
         # written before the tables, whose manifest marks the cache entry complete
-        save_correctness(correctness_path, correctness_frame(records), {"key": key, "code": code_fingerprint()})
+        save_correctness(correctness_path, collector.frame(), {"key": key, "code": code_fingerprint()})
         return tables
 
     tables = cached_tables(_cache_dir(config) / "results", key, compute)

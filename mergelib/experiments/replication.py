@@ -53,7 +53,8 @@ from mergelib.io.provenance import git_state, provenance, write_json
 from mergelib.errors import CorruptCheckpointError, MergelibError, ParameterValueError, lookup
 from mergelib.task_vectors import PREFIX, StateDict, encoder_state, task_vector
 from mergelib.protocols.multitask import FINE_TUNED, ZERO_SHOT, evaluate_multitask
-from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, conform
+from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, CorrectnessCollector, conform
+from mergelib.analysis.stats import save_correctness
 from mergelib._moved import renamed
 
 __getattr__ = renamed(__name__, {"run_domain_generalization": "replicate_domain_generalization",
@@ -151,14 +152,18 @@ def check_dg_run(backbone: str, dataset: str, *, methods: Any = None, domains: S
     """Every name of one leave-one-domain-out run checked before any checkpoint is loaded or any
     expert fine-tuned: the backbone, the dataset, its domains, the method specs (when given) and
     the precision. Returns the domains (see :func:`dg_domains`)."""
+    _check_run_settings(backbone, methods, precision)
+    return dg_domains(dataset, domains)
+
+
+def _check_run_settings(backbone: str, methods: Any, precision: str) -> None:
+    """The checks every replication run shares: the backbone, the method specs (when given), the precision."""
     from mergelib.models.evaluation import check_precision_name
 
     check_backbones([backbone])
-    chosen = dg_domains(dataset, domains)
     if methods is not None:
         method_specs(methods)
     check_precision_name(precision)
-    return chosen
 
 
 def _method_specs(methods: Sequence[str | MethodSpec], trim_divide_by_tasks: bool) -> list[MethodSpec]:
@@ -313,11 +318,12 @@ class DGExperiment:
         return state
 
     def evaluate(self, methods: Sequence[str | MethodSpec] = PAPER_DG_METHODS, *, held_out: Sequence[str] | None = None,
-                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float], pd.DataFrame]:
         """The folds of ``held_out`` (default: every domain) at coefficient 1 with the baselines:
         results (in the result schema, :mod:`mergelib.protocols.results`, ``benchmark`` being the
         dataset and ``metric`` its headline metric), the expert-by-domain matrix over those
-        domains, and timings."""
+        domains, timings, and which test images each single model got right (the correctness
+        table of :mod:`mergelib.analysis.stats`)."""
         timings: dict[str, float] = {}
         experts = LazyStates(self.domains, self.load_expert, keep=2)
         vectors = LazyStates(self.domains, lambda d: task_vector(experts[d], self.pretrained), keep=len(self.domains))
@@ -343,13 +349,15 @@ class DGExperiment:
         heads = {d: self.head(self.test[d].classnames) for d in folds}
         evaluator = EncoderEvaluator(self.clip, device=self.device, batch_size=self.eval_batch_size,
                                      num_workers=self.num_workers, precision=self.precision)
+        collector = CorrectnessCollector(lambda split, domain: self.test[domain].fingerprint(), benchmark=self.dataset)
         results, matrix = evaluate_leave_one_domain_out(evaluator, self.pretrained, experts, vectors, heads, self.test, specs,
-                                                        (1.0,), fold_parameters=fold, held_out=folds, progress=progress)
+                                                        (1.0,), fold_parameters=fold, held_out=folds, progress=progress,
+                                                        on_correct=collector)
         timings["merge and evaluate"] = time.perf_counter() - clock
         metric = "balanced_accuracy" if self.spec.metric == "balanced_accuracy" else "accuracy"
         results = conform(results, setting=DOMAIN_GENERALIZATION, benchmark=self.dataset, backbone=self.backbone,
                           metric=metric)
-        return results, matrix, timings
+        return results, matrix, timings, collector.frame()
 
     def method_parameters(self, methods: Sequence[str | MethodSpec]) -> dict[str, Any]:
         specs = _method_specs(methods, self.spec.trim_divide_by_tasks)
@@ -357,14 +365,17 @@ class DGExperiment:
 
     def store(self, results: pd.DataFrame, matrix: pd.DataFrame, results_dir: str | Path, *,
               methods: Sequence[str | MethodSpec], git: Mapping[str, Any], timings: Mapping[str, float],
-              experts: Mapping[str, str | None]) -> Path:
+              experts: Mapping[str, str | None], correctness: pd.DataFrame | None = None) -> Path:
         """Write the result store ``{results_dir}/{backbone}/domain_generalization/{dataset}/``:
-        one CSV per method, ``matrix.csv`` and ``provenance.json``, atomically."""
+        one CSV per method, ``matrix.csv``, ``correctness.npz`` (when given) and
+        ``provenance.json``, atomically."""
         out = Path(results_dir) / self.backbone / "domain_generalization" / self.dataset
         record = provenance({**self.parameters, **self.method_parameters(methods)}, git=dict(git),
                             seeds={"finetune": self.recipe.seed, "esm_proxies": self.recipe.seed},
                             timings=dict(timings), device=str(self.device), experts=dict(experts))
         atomic_write(out / "matrix.csv", lambda tmp: matrix.to_csv(tmp, index=False))
+        if correctness is not None:
+            save_correctness(out / "correctness.npz", correctness, record)
         write_results(results, out, record)
         return out
 
@@ -448,10 +459,10 @@ def replicate_domain_generalization(
     clock = time.perf_counter()
     manifests = {d: experiment.finetune_expert(d, progress=progress) for d in experiment.domains}
     timings["fine-tune experts"] = time.perf_counter() - clock
-    results, matrix, evaluation_timings = experiment.evaluate(methods, progress=progress)
+    results, matrix, evaluation_timings, correctness = experiment.evaluate(methods, progress=progress)
     timings.update(evaluation_timings)
     experiment.store(results, matrix, results_dir, methods=methods, git=started, timings=timings,
-                     experts={d: m.get("sha256") for d, m in manifests.items()})
+                     experts={d: m.get("sha256") for d, m in manifests.items()}, correctness=correctness)
     return results, matrix
 
 
@@ -529,13 +540,8 @@ def check_multitask_run(backbone: str, tasks: int | str | Sequence[str], *, meth
     fine-tuned: the backbone, the tasks, the method specs (when given), the precision and
     ``normalize_with``; with ``experts_dir``, that every task's expert is there. Returns the
     task names (see :func:`task_names`)."""
-    from mergelib.models.evaluation import check_precision_name
-
     names = task_names(tasks)
-    check_backbones([backbone])
-    if methods is not None:
-        method_specs(methods)
-    check_precision_name(precision)
+    _check_run_settings(backbone, methods, precision)
     if normalize_with not in ("published", "experts"):
         raise ParameterValueError(f"normalize_with must be 'published' or 'experts', got {normalize_with!r}")
     if experts_dir is not None:
@@ -680,7 +686,9 @@ def replicate_multitask(
     accuracy divides by the published fine-tuned accuracies (``normalize_with="published"``, as
     the papers do; valid only for the public checkpoints of the real backbones) or by the
     imported experts' own accuracies (``"experts"``). Writes
-    ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated, and the
+    ``results_dir/{backbone}/multitask/{suite}/{method}.csv`` with every alpha evaluated, the
+    per-example correctness of every evaluated model (``correctness.npz``, or
+    ``{method}.correctness.npz`` beside ``{method}.provenance.json``) and the
     provenance record as ``provenance_name`` there (the sweep runs one method per job and gives
     each its own record). Experts fine-tuned by :func:`finetune_task_expert` record the pretrained
     weights they started from; evaluating them against other pretrained weights is an error.
@@ -736,13 +744,15 @@ def replicate_multitask(
     # every method through one grid (the experts' decompositions and the shared basis computed once),
     # its coefficient chosen on validation by the method's released search
     with_subspaces = {spec.label: esm_subspaces for spec in specs if needs_essential_subspaces(spec)}
+    collector = CorrectnessCollector(lambda split, t: task_split_fingerprint(t, data[split, t][0], data[split, t][2]),
+                                     benchmark=suite)
     merged, baselines = evaluate_multitask(
         evaluator, pretrained, experts if normalize_with == "experts" else None, vectors, heads,
         {t: data["test", t][0] for t in names}, specs, fold_parameters=with_subspaces,
         val_sets={t: data["val", t][0] for t in names},
         searches={spec.label: ALPHA_RULES.get(spec.name, "task_arithmetic") for spec in specs},
         reference_accuracy=reference, labels={(split, t): data[split, t][1] for split in ("val", "test") for t in names},
-        progress=progress)
+        progress=progress, on_correct=collector)
     zero = baselines[(baselines["method"] == FINE_TUNED) & (baselines["accuracy"] == 0)]
     if not zero.empty:
         raise ValueError(f"normalized accuracy is undefined: the experts of {list(zero['task'])} have accuracy 0 on "
@@ -755,5 +765,7 @@ def replicate_multitask(
                   "esm_proxy_count": esm_proxy_count, "experts_dir": str(experts_dir), "data_root": str(data_root)}
     record = provenance(parameters, git=started, seeds={"tall_validation_split": 0}, searches=searches,
                         device=str(torch_device))
-    write_results(results, Path(results_dir) / backbone / "multitask" / suite, record, provenance_name=provenance_name)
+    store = Path(results_dir) / backbone / "multitask" / suite
+    save_correctness(store / provenance_name.replace("provenance.json", "correctness.npz"), collector.frame(), record)
+    write_results(results, store, record, provenance_name=provenance_name)
     return results

@@ -14,10 +14,12 @@ merges, with ``coefficient`` empty.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import numpy as np
 import pandas as pd
 
+from mergelib.analysis.stats import correctness_frame, correctness_record
 from mergelib.errors import ParameterValueError
 
 DOMAIN_GENERALIZATION = "domain_generalization"
@@ -149,5 +151,34 @@ def reported(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     return table[(table["split"] == split) & table["selected"].astype(bool)]
 
 
-__all__ = ["COLUMNS", "DOMAIN_GENERALIZATION", "KEY", "LEGACY_NAMES", "METRICS", "MULTITASK", "REQUIRED", "SETTINGS",
+#: The keys a correctness row carries from its result row.
+CORRECTNESS_KEYS = ("benchmark", "method", "coefficient", "split", "held_out", "task")
+
+
+class CorrectnessCollector:
+    """The ``on_correct`` callback of the protocols: keeps, per evaluated model, which examples
+    it got right, and gives them as a correctness table (:func:`mergelib.analysis.stats.correctness_frame`)
+    for :func:`mergelib.analysis.stats.save_correctness`.
+
+    ``identify(split, name)``: the fingerprint of the evaluation set of ``name`` (a held-out
+    domain or task) on ``split``, recorded so that only evaluations on the same examples are
+    paired; ``constants`` are keys added to every row (``benchmark``, for instance).
+    """
+
+    def __init__(self, identify: Callable[[str, str], str | None] | None = None, **constants: Any):
+        self.identify = identify
+        self.constants = constants
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, row: dict, correct: np.ndarray, labels: Any) -> None:
+        keys = {**self.constants, **{k: row[k] for k in CORRECTNESS_KEYS if k in row}}
+        split, name = row.get("split", "test"), row.get("held_out", row.get("task"))
+        test_set = self.identify(split, name) if self.identify is not None else None
+        self.records.append(correctness_record(correct, labels, test_set=test_set, **keys))
+
+    def frame(self) -> pd.DataFrame:
+        return correctness_frame(self.records)
+
+
+__all__ = ["COLUMNS", "CORRECTNESS_KEYS", "CorrectnessCollector", "DOMAIN_GENERALIZATION", "KEY", "LEGACY_NAMES", "METRICS", "MULTITASK", "REQUIRED", "SETTINGS",
            "check_results", "conform", "fixed_coefficient_selected", "load_results", "order_columns", "reported"]

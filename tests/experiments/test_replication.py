@@ -21,6 +21,8 @@ from mergelib.models.finetune import FinetuneConfig, finetune_image_encoder
 from mergelib.models.heads import zero_shot_head
 from mergelib.report.published import domain_generalization_table
 from mergelib.protocols.results import conform
+from mergelib.analysis.stats import load_correctness
+from mergelib.protocols.domain_generalization import OTHER_EXPERTS_BEST, OTHER_EXPERTS_MEAN
 from mergelib.experiments.replication import LazyStates, replicate_domain_generalization
 from mergelib.report.comparisons import NOT_RUN, dg_comparison
 
@@ -68,6 +70,23 @@ def test_every_fold_method_and_baseline_is_reported_and_stored(pacs_run):
     assert record["parameters"]["dataset"] == "PACS"
     assert record["parameters"]["method_params"]["score"]["divide_by_tasks"] is True  # natural images: zσ/T
     assert set(record["experts"]) == set(domains)
+
+
+def test_the_store_keeps_which_test_images_each_model_got_right(pacs_run):
+    tmp, _, results, _ = pacs_run
+    stored = tmp / "results" / "tiny-clip" / "domain_generalization" / "PACS"
+    correctness, record = load_correctness(stored / "correctness.npz")
+    assert record["parameters"]["dataset"] == "PACS"
+    # every single model's row (not the mean or best of the other experts) has its examples, and
+    # their mean is the stored accuracy
+    single = results[~results["method"].isin([OTHER_EXPERTS_MEAN, OTHER_EXPERTS_BEST])]
+    assert len(correctness) == len(single)
+    merged = single.merge(correctness, on=["method", "held_out"], suffixes=("", "_c"))
+    assert len(merged) == len(single)
+    for row in merged.itertuples():
+        assert row.n == row.n_examples and row.correct.mean() == pytest.approx(row.accuracy)
+    # the same held-out domain: the same examples (test set fingerprint and labels) for every model
+    assert (correctness.groupby("held_out")[["test_set", "labels_sha256"]].nunique() == 1).all().all()
 
 
 def test_a_rerun_reuses_the_experts_and_gives_the_same_results(pacs_run, tiny_weights, monkeypatch):

@@ -14,6 +14,8 @@ from mergelib.models.backbones import create_clip
 from mergelib.protocols.coefficients import TSV_GRID
 from mergelib.models.importers import import_checkpoint
 from mergelib.experiments.replication import dataset_labels, replicate_multitask
+from mergelib.analysis.stats import load_correctness
+from mergelib.protocols.multitask import FINE_TUNED
 
 logging.getLogger().setLevel(logging.ERROR)
 TASKS = ["MNIST", "FashionMNIST"]
@@ -57,6 +59,17 @@ def test_every_method_is_evaluated_on_every_test_split_at_its_selected_alpha(set
         assert sorted(set(val["coefficient"])) == sorted(e["alpha"] for e in search["evaluations"])
         chosen = max(search["evaluations"], key=lambda e: e["normalized"])
         assert search["alpha"] == chosen["alpha"]  # selected by validation normalized accuracy
+
+
+def test_the_store_keeps_each_evaluation_s_correct_examples(setup):
+    tmp, results = setup
+    correctness, _ = load_correctness(tmp / "results" / "tiny-clip" / "multitask" / "2-tasks" / "correctness.npz")
+    # every result row, and the experts' own rows that normalize_with="experts" evaluated
+    assert set(correctness["method"]) == set(results["method"]) | {FINE_TUNED}
+    assert len(correctness) == len(results) + 2 * len(TASKS)
+    merged = results.merge(correctness, on=["method", "coefficient", "split", "task"])
+    assert len(merged) == len(results)
+    assert all(row.correct.mean() == pytest.approx(row.accuracy) for row in merged.itertuples())
 
 
 def test_each_method_uses_its_released_coefficient_rule(setup):
