@@ -82,6 +82,7 @@ def _derivation_smoke(**extra: Any) -> Callable[[], dict[str, Any]]:
 
 
 MINIATURE_RESULTS = "results/miniature/domain_generalization"  # written by its chapter, shown by the results chapter
+SEEDS_STUDY = "results/studies/miniature_seeds"  # `make seeds-study`; its spread is shown beside single runs
 
 # In book order (a chapter reading another's outputs comes after it). The defaults of each
 # notebook's `parameters` cell are the embedded miniature.
@@ -90,9 +91,10 @@ NOTEBOOKS: tuple[BookNotebook, ...] = (
     BookNotebook("score_derived", smoke_parameters=_derivation_smoke(
         domains=["photo", "negative", "sketch"], z_values=[1.96, 4.0], rank_fractions=[0.5, 1.0])),
     BookNotebook("esm_derived", smoke_parameters=_derivation_smoke(
-        proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0], rank_fractions=[0.05, 1.0])),
+        proxy_count=8, proxy_counts=[2, 8], coefficients=[0.5, 1.0], rank_fractions=[0.05, 1.0]),
+                 inputs=(f"{SEEDS_STUDY}/*",)),
     BookNotebook("domain_generalization", smoke_parameters=_miniature_smoke,
-                 inputs=("results/studies/miniature_recipe/*",), outputs=(f"{MINIATURE_RESULTS}/*",)),
+                 inputs=("results/studies/miniature_recipe/*", f"{SEEDS_STUDY}/*"), outputs=(f"{MINIATURE_RESULTS}/*",)),
     BookNotebook("ablations", smoke_parameters=_derivation_smoke(
         domains=["photo", "negative", "sketch"], z_values=[], rank_fractions=[], merge_baselines=["task_arithmetic"],
         esm_decompositions=["esd"], esm_coefficients=[1.0], esm_proxy_count=8)),
