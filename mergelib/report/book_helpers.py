@@ -314,11 +314,13 @@ class Evidence:
             found[self.direction(method, reference)].append(method)
         return found
 
-    def tally_sentence(self, reference: str, methods: Sequence[str], *, reference_name: str | None = None) -> str:
-        """E.g. "3 of the 12 are resolved above zero-shot, 2 below it and 7 are indistinguishable
-        from it at this scale"."""
+    def tally_sentence(self, reference: str, methods: Sequence[str], *, reference_name: str | None = None,
+                       noun: str = "methods") -> str:
+        """E.g. "3 of the 12 methods are resolved above zero-shot, 2 below it and 7 are
+        indistinguishable from it at this scale"."""
         found = self.tally(reference, methods)
-        return (f"{len(found[1])} of the {len(methods)} are resolved above {reference_name or reference}, "
+        return (f"{len(found[1])} of the {len(methods)} {noun} {'is' if len(found[1]) == 1 else 'are'} resolved above "
+                f"{reference_name or reference}, "
                 f"{len(found[-1])} below it and {len(found[0])} {'is' if len(found[0]) == 1 else 'are'} "
                 f"indistinguishable from it at this scale")
 

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 
@@ -82,7 +81,7 @@ def test_evidence_sentences_follow_the_paired_interval():
     assert evidence.best_sentence().endswith("every other one is resolved below it")
     assert evidence.tally("base", ["top", "same", "bad"]) == {1: ["top"], -1: ["bad"], 0: ["same"]}
     assert evidence.tally_sentence("base", ["top", "same", "bad"]) == (
-        "1 of the 3 are resolved above base, 1 below it and 1 is indistinguishable from it at this scale")
+        "1 of the 3 methods is resolved above base, 1 below it and 1 is indistinguishable from it at this scale")
     assert evidence.folds("top", "base") == {1: 2, -1: 0, 0: 0}
     assert evidence.folds_sentence("bad", "base", "B").startswith("resolved above B on 0 of the 2 held-out domains")
     table = evidence.differences(reference="base")
