@@ -440,6 +440,90 @@ def svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 GRAM_ASPECT = 1.5  # the Gram route pays off when one side is at least this much longer than the other
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """The top ``size`` singular directions of one matrix: what :func:`spectrum_triplets` needs to
+    give its top-k triplets for every ``k <= size`` (and what the factor cache keeps per expert).
+
+    On the Gram route (``gram``), ``values`` are the eigenvalues of the float64 Gram matrix of the
+    short side, descending, and ``vectors`` the short side's singular vectors (float64,
+    ``[short, size]``); the long side costs one product per request. Otherwise ``values``,
+    ``vectors`` and ``rows`` are a signed SVD's ``S``, ``U [m, size]`` and ``Vh [size, n]``.
+    """
+
+    gram: bool
+    values: torch.Tensor
+    vectors: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.values.shape[-1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.vectors, self.rows) if t is not None]
+
+
+def _uses_gram(matrix: torch.Tensor) -> bool:
+    m, n = matrix.shape[-2:]
+    return matrix.dtype == torch.float32 and max(m, n) >= GRAM_ASPECT * min(m, n)
+
+
+GRAM_CHUNK = 1 << 18  # entries of the float64 row blocks of the Gram route (2 MiB): never a whole matrix widened
+
+
+def _float64_row_blocks(matrix: torch.Tensor) -> typing.Iterator[torch.Tensor]:
+    """The rows of ``matrix`` (long side first) in float64 blocks of about GRAM_CHUNK entries."""
+    tall = matrix.mT if matrix.shape[-2] < matrix.shape[-1] else matrix
+    for block in tall.split(max(1, GRAM_CHUNK // tall.shape[-1])):
+        yield block.double()
+
+
+def _gram_spectrum(matrix: torch.Tensor, size: int) -> Spectrum:
+    short = min(matrix.shape[-2:])
+    gram = matrix.new_zeros(short, short, dtype=torch.float64)
+    for block in _float64_row_blocks(matrix):
+        gram.addmm_(block.mT, block)
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    return Spectrum(True, values[-size:].flip(-1), vectors[:, -size:].flip(-1))
+
+
+def _gram_triplets(matrix: torch.Tensor, spectrum: Spectrum, k: int):
+    values = spectrum.values[:k]
+    floor = values[:1] * (torch.finfo(torch.float64).eps * max(matrix.shape[-2:])) ** 2
+    if bool((values <= floor).any()):  # a (numerically) zero singular value among the top k
+        u, s, vh = svd(matrix)
+        return u[:, :k], s[:k], vh[:k]
+    vectors = spectrum.vectors[:, :k].contiguous()  # one layout whatever the spectrum's size: bitwise the same product
+    singular = values.sqrt()
+    # the other side's singular vectors, A v / s, block by block
+    long_side = torch.cat([block @ vectors for block in _float64_row_blocks(matrix)]).div_(singular)
+    u, vh = (vectors, long_side.mT) if matrix.shape[-2] < matrix.shape[-1] else (long_side, vectors.mT)
+    u, vh = fix_signs(u, vh)
+    return u.to(matrix.dtype), singular.to(matrix.dtype), vh.to(matrix.dtype)
+
+
+def spectrum(matrix: torch.Tensor, size: int) -> Spectrum:
+    """The top ``size`` singular directions of one 2-D matrix (:class:`Spectrum`), on the route
+    :func:`truncated_svd` takes for it."""
+    if not _uses_gram(matrix):
+        u, s, vh = svd(matrix)
+        return Spectrum(False, s[:size].clone(), u[:, :size].clone(), vh[:size].clone())
+    return _gram_spectrum(matrix, size)
+
+
+def spectrum_triplets(
+    matrix: torch.Tensor, spectrum: Spectrum, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` triplets of ``matrix`` from its :class:`Spectrum` (``k <= spectrum.size``):
+    bitwise what ``truncated_svd(matrix, k)`` gives, whatever size the spectrum was computed for."""
+    if k > spectrum.size:
+        raise ValueError(f"a spectrum of {spectrum.size} directions cannot give the top {k}")
+    if not spectrum.gram:
+        return spectrum.vectors[:, :k], spectrum.values[:k], spectrum.rows[:k]
+    return _gram_triplets(matrix, spectrum, k)
+
+
 def truncated_svd(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``k`` singular triplets of a matrix or batch, with deterministic signs.
 
@@ -450,34 +534,21 @@ def truncated_svd(matrices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     values is formed in float64, more accurate than a float32 SVD for every singular value above
     about 1e-8 of the largest. Square-ish and float64 matrices use the thin SVD of :func:`svd`.
     A matrix whose top-k contains a (numerically) zero singular value falls back to the SVD, whose
-    null directions are then the LAPACK routine's choice; in a batch, only that matrix does.
+    null directions are then the LAPACK routine's choice.
 
-    Each matrix of a batch gets exactly (bitwise, on the CPU) the triplets it gets alone: the
-    batched LAPACK calls loop over the matrices, and the fallback is decided per matrix. The
-    factor cache (:mod:`mergelib.methods.factors`) relies on this to decompose each expert once.
+    A batch is decomposed one matrix at a time (the float64 copy is one matrix, not the batch), so
+    each matrix gets exactly the triplets it gets alone, and those that :func:`spectrum` followed by
+    :func:`spectrum_triplets` give for any spectrum size ``>= k``: the factor cache
+    (:mod:`mergelib.methods.factors`) relies on this to decompose each expert once for every k.
     """
-    m, n = matrices.shape[-2:]
-    if matrices.dtype != torch.float32 or max(m, n) < GRAM_ASPECT * min(m, n):
+    if matrices.dim() > 2:
+        shape = matrices.shape
+        parts = [truncated_svd(matrix, k) for matrix in matrices.reshape(-1, *shape[-2:])]
+        return tuple(torch.stack(part).reshape(*shape[:-2], *part[0].shape) for part in zip(*parts))
+    if not _uses_gram(matrices):
         u, s, vh = svd(matrices)
-        return u[..., :k], s[..., :k], vh[..., :k, :]
-    wide = m < n
-    x = (matrices.mT if wide else matrices).double()  # tall: [.., long, short]
-    values, vectors = torch.linalg.eigh(x.mT @ x)  # ascending
-    values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
-    floor = values[..., :1] * (torch.finfo(torch.float64).eps * x.shape[-2]) ** 2
-    deficient = (values <= floor).any(dim=-1)  # per matrix
-    if bool(deficient.all()):
-        u, s, vh = svd(matrices)
-        return u[..., :k], s[..., :k], vh[..., :k, :]
-    singular = values.sqrt()
-    long_side = (x @ vectors) / singular[..., None, :]  # the other side's singular vectors
-    u, vh = (vectors, long_side.mT) if wide else (long_side, vectors.mT)
-    u, vh = fix_signs(u, vh)
-    u, singular, vh = u.to(matrices.dtype), singular.to(matrices.dtype), vh.to(matrices.dtype)
-    if bool(deficient.any()):  # only in a batch (a single deficient matrix took the branch above)
-        su, ss, svh = svd(matrices[deficient])
-        u[deficient], singular[deficient], vh[deficient] = su[..., :k], ss[..., :k], svh[..., :k, :]
-    return u, singular, vh
+        return u[:, :k], s[:k], vh[:k]
+    return _gram_triplets(matrices, _gram_spectrum(matrices, k), k)
 
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
@@ -493,27 +564,33 @@ def orthonormal_completion(basis: torch.Tensor, count: int) -> torch.Tensor:
     """``count`` orthonormal columns orthogonal to the orthonormal columns of ``basis`` (m x p).
 
     Deterministic: column-pivoted Gram-Schmidt over the standard basis, each step taking the axis
-    with the largest component outside the span so far (the first one on ties), with one
-    re-orthogonalisation and the sign rule of :func:`fix_signs`.
+    with the largest component outside the span so far (the first one on ties), re-orthogonalised
+    once when that component has lost more than half its square norm to the projection (the
+    criterion of Daniel, Gragg, Kaufman and Stewart, 1976), and the sign rule of :func:`fix_signs`.
     """
     m, p = basis.shape
     if p + count > m:
         raise ValueError(f"cannot complete {p} orthonormal columns of length {m} with {count} more")
-    columns = basis
+    # the columns so far are kept as rows of one buffer: each step reads a contiguous prefix, and
+    # nothing is concatenated (a copy of the whole basis per added vector)
+    rows = basis.new_empty(p + count, m)
+    rows[:p] = basis.T
     outside = (1.0 - (basis * basis).sum(dim=1)).clamp_min(0)  # |(I - Q Q^T) e_j|^2 for every axis j
-    added = []
-    for _ in range(count):
+    for step in range(count):
+        done = rows[: p + step]
         axis = int(torch.argmax(outside))
-        vector = -(columns @ columns[axis])
+        vector = -(done.T @ done[:, axis])
         vector[axis] += 1.0
-        vector -= columns @ (columns.T @ vector)
-        vector /= vector.norm()
+        norm = vector.norm()
+        if norm * norm < 0.5:  # cancellation: project once more (when m >> p the component stays large, one pass)
+            vector -= done.T @ (done @ vector)
+            norm = vector.norm()
+        vector /= norm
         if vector[vector.abs().argmax()] < 0:
             vector = -vector
-        added.append(vector)
-        columns = torch.cat([columns, vector[:, None]], dim=1)
+        rows[p + step] = vector
         outside = (outside - vector * vector).clamp_min(0)
-    return torch.stack(added, dim=1) if added else basis.new_zeros(m, 0)
+    return rows[p:].T
 
 
 def concatenated_singular_vectors(

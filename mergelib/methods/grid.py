@@ -6,12 +6,13 @@ the multi-task protocol merges the same T experts with every method. :func:`merg
 such a grid of (fold, method) merges through :func:`mergelib.methods.registry.merge` itself, inside one
 :class:`mergelib.methods.factors.FactorCache`, so that
 
-* each expert's truncated singular triplets are computed once per matrix and rank and reused in
-  every fold (under leave-one-out T, hence the rank per task, is the same in every fold);
+* each expert's truncated singular triplets are computed once per matrix, for the largest rank
+  asked, and reused in every fold and for every smaller rank (under leave-one-out T, hence the
+  rank per task, is the same in every fold; SCORE's ``rank_fraction`` variants ask for less);
 * each fold's shared basis (the polar factors of the concatenated singular vectors) is computed
   once and shared by every SCORE variant and TSV-M, the completed basis once per rank;
-* each task's projection into a basis is computed once and shared by SCORE's variants that
-  change only what they keep or how they trim.
+* each task's projection into a basis, and its trimming statistics, are computed once and
+  shared by SCORE's variants that change only what they keep or how they trim.
 
 **Identical results.** Every merge is ``mergelib.merge(name, [task_vectors[n] for n in fold],
 **params)``, the same code: the cache hands back the very tensors the computation gives, and
@@ -24,10 +25,13 @@ in the last bits, and then the grid agrees to float round-off.)
 triplets stay cached across folds: that is where most of the saving is). Within a fold, methods
 that share factors are merged one after the other (SCORE and TSV-M by their rank per task, in the
 order of first appearance; other methods after them, in their order), and the fold's shared
-factors are dropped whenever the next group starts. One merge at a time is produced and yielded:
-the memory held is one merged task vector, the experts' triplets (about ``(m + n) k`` per expert
-and matrix, k = r / T, for each rank used) and one group's bases and projections (about
-``(m + n) r`` and ``T r^2`` per matrix). Methods without SVD work simply call ``merge``.
+factors are dropped whenever the next group starts; an expert's factors are dropped before the
+first fold after which no fold merges it. One merge at a time is produced and yielded: the memory
+held is one merged task vector, the experts' spectra (``min(m, n) k`` float64 values per expert
+and matrix on the Gram route, k the largest rank used, about a quarter of the matrix's float32
+bytes at k = r / 4; ``(m + n) k`` float32 values otherwise) and one group's bases and projections
+(``(m + n) r`` and ``T r^2`` per matrix), besides what one merge needs while it runs (one tensor
+name's stack and the result so far). Methods without SVD work simply call ``merge``.
 
 The inputs are checked before anything is computed: expert names, folds (non-empty, no name
 twice, names known), method specs (parsed, parameters checked) and the task vectors.
@@ -152,7 +156,9 @@ def _run(task_vectors, folds, checked_folds, methods, specs, device, fold_parame
     cache = FactorCache()
     order = grid_order(specs)
     try:
-        for given, fold in zip(folds, checked_folds):
+        for position, (given, fold) in enumerate(zip(folds, checked_folds)):
+            later = {name for other in checked_folds[position:] for name in other}
+            cache.release(t for name in later for t in task_vectors[name].values())  # no later fold merges the rest
             vectors = [task_vectors[name] for name in fold]
             group = object()
             for index in order:

@@ -39,14 +39,13 @@ from mergelib.methods.common import (
     Number,
     StateDict,
     concatenated_singular_vectors,
-    is_all_zero,
     is_matrix,
     mean_over_tasks,
     merge_per_key,
     rank_per_task,
     shared_basis,
 )
-from mergelib.methods.factors import projection, shared_basis_of
+from mergelib.methods.factors import all_zero, fold_value, projection, shared_basis_of
 from mergelib.methods.registry import CodeNote, register
 
 KEEP_CHOICES = ("trimmed", "diagonal", "off_diagonal", "full", "released_full")
@@ -87,6 +86,11 @@ def trim_statistics(off_diagonal: torch.Tensor, statistics: str = "released") ->
     return entries.mean(dim=-1)[..., None, None], entries.std(dim=-1, correction=1)[..., None, None]
 
 
+def task_moments(projected: torch.Tensor, statistics: str = "released") -> tuple[torch.Tensor, torch.Tensor]:
+    """The trimming statistics (:func:`trim_statistics`) of the projected ``[T, r, r]`` matrices."""
+    return trim_statistics(off_diagonal_part(projected), statistics)
+
+
 def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float, statistics: str = "released") -> torch.Tensor:
     """Which entries of the diagonal-zeroed ``[T, r, r]`` matrices lie within ``z sigma / divisor``
     of their mean (statistics per task, see :func:`trim_statistics`)."""
@@ -94,23 +98,39 @@ def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float, statistics: 
     return (off_diagonal - mean).abs() <= z * std / divisor
 
 
+def off_diagonal_part(projected: torch.Tensor) -> torch.Tensor:
+    """The ``[..., r, r]`` matrices with their diagonal zeroed (a copy)."""
+    off_diagonal = projected.clone()
+    torch.diagonal(off_diagonal, dim1=-2, dim2=-1).zero_()
+    return off_diagonal
+
+
 def score_core(
-    projected: torch.Tensor, keep: str, z: float, divide_by_tasks: bool, statistics: str = "released"
+    projected: torch.Tensor, keep: str, z: float, divide_by_tasks: bool, statistics: str = "released",
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``sum_t`` of what ``keep`` retains of each projected task matrix ``[T, r, r]``."""
+    """``sum_t`` of what ``keep`` retains of each projected task matrix ``[T, r, r]``.
+
+    ``moments``: the tasks' trimming statistics ``(mean, std)`` (``[T, 1, 1]``, as
+    :func:`trim_statistics` gives them for ``statistics``), if already computed."""
     tasks, rank, _ = projected.shape
-    diagonal = torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1))
+    diagonal_sum = torch.diagonal(projected, dim1=-2, dim2=-1).sum(dim=0)
     if keep == "diagonal":
-        return diagonal.sum(dim=0)
+        return torch.diag(diagonal_sum)
     if keep == "full":
         return projected.sum(dim=0)
     if keep == "released_full":
-        return diagonal.sum(dim=0) + tasks  # ours_v4 adds the flag (True == 1) to every entry
-    off_diagonal = projected - diagonal
-    kept = off_diagonal * trim_mask(off_diagonal, z, tasks if divide_by_tasks else 1, statistics)
-    if keep == "off_diagonal":
-        return kept.sum(dim=0)
-    return (diagonal + kept).sum(dim=0)
+        return torch.diag(diagonal_sum) + tasks  # ours_v4 adds the flag (True == 1) to every entry
+    mean, std = moments if moments is not None else task_moments(projected, statistics)
+    threshold = z * std / (tasks if divide_by_tasks else 1)
+    total = torch.zeros_like(projected[0])
+    for t in range(tasks):  # task by task: r x r temporaries, not T r^2 ones
+        off_diagonal = off_diagonal_part(projected[t])
+        # the test of trim_mask, entry for entry: |O - mu| <= z sigma / divisor
+        total += off_diagonal.mul_((off_diagonal - mean[t]).abs_() <= threshold[t])
+    if keep == "trimmed":
+        torch.diagonal(total).add_(diagonal_sum)
+    return total
 
 
 def score_matrix(
@@ -118,7 +138,7 @@ def score_matrix(
     trim_statistics: str = "released", rank_fraction: float = 1.0, complete_basis: bool = True,
 ) -> torch.Tensor:
     """SCORE of one matrix: ``stack`` is ``[T, m, n]``; returns ``[m, n]``."""
-    if is_all_zero(stack):
+    if all_zero(stack):
         return torch.zeros_like(stack[0])
     basis = score_basis(stack, key, rank_fraction=rank_fraction, complete_basis=complete_basis)
     return score_from_basis(stack, *basis, keep=keep, z=z, divide_by_tasks=divide_by_tasks, trim_statistics=trim_statistics,
@@ -132,10 +152,22 @@ def score_from_basis(
     """Steps 2-4 of SCORE in a given shared basis: project, keep what ``keep`` says, sum, map back.
 
     ``basis_id`` (hashable) names the basis among those of the same stack, so that a
-    :class:`mergelib.methods.factors.FactorCache` computes the projections once for every variant
-    that shares it; ``None`` never caches."""
+    :class:`mergelib.methods.factors.FactorCache` computes the projections and the trimming
+    statistics once for every variant that shares them; ``None`` never caches."""
     projected = projection(stack, u_star, vh_star, basis_id)
-    return u_star @ score_core(projected, keep, z, divide_by_tasks, trim_statistics) @ vh_star
+    tasks = projected.shape[0]
+    if keep in ("diagonal", "released_full"):  # U* diag(d) V*^T: a column scaling, not an r x r product
+        merged = (u_star * torch.diagonal(projected, dim1=-2, dim2=-1).sum(dim=0)) @ vh_star
+        if keep == "released_full":  # + U* (T 1 1^T) V*^T, a rank-one term
+            merged.addr_(u_star.sum(dim=1), vh_star.sum(dim=0), alpha=tasks)
+        return merged
+    moments = None
+    if keep in ("trimmed", "off_diagonal"):
+        moments = fold_value(stack, "trim statistics", None if basis_id is None else (basis_id, trim_statistics),
+                             lambda: task_moments(projected, trim_statistics))
+    core = score_core(projected, keep, z, divide_by_tasks, trim_statistics, moments=moments)
+    # the cheaper order of the two products: reduce the long side last
+    return u_star @ (core @ vh_star) if u_star.shape[0] > vh_star.shape[1] else (u_star @ core) @ vh_star
 
 
 @register(

@@ -23,19 +23,18 @@ import torch
 
 from mergelib.methods.common import (
     StateDict,
-    is_all_zero,
     is_matrix,
     mean_over_tasks,
     merge_per_key,
     rank_per_task,
 )
-from mergelib.methods.factors import concatenation_polars
+from mergelib.methods.factors import all_zero, concatenation_polars
 from mergelib.methods.registry import CodeNote, register
 
 
 def tsv_merge_matrix(key: str, stack: torch.Tensor) -> torch.Tensor:
     """TSV-M of one matrix: ``stack`` is ``[T, m, n]``; returns ``[m, n]``."""
-    if is_all_zero(stack):
+    if all_zero(stack):
         return torch.zeros_like(stack[0])
     tasks, m, n = stack.shape
     k = rank_per_task(key, min(m, n), tasks)

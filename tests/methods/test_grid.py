@@ -59,11 +59,12 @@ def test_grid_equals_merging_one_at_a_time_bitwise(dtype):
     assert [f for f, _ in seen[:: len(methods)]] == [tuple(f) for f in folds]
 
 
-def test_each_expert_is_decomposed_once_per_rank_and_each_fold_basis_once(monkeypatch):
+def test_each_expert_is_decomposed_once_for_every_rank_and_each_fold_basis_once(monkeypatch):
     experts = _experts()
     names = list(experts)
     folds = [[n for n in names if n != held] for held in names]
-    methods = ["score", "score[keep=diagonal]", "score[z=1.0]", "score[complete_basis=false]", "tsv_m"]
+    methods = ["score", "score[keep=diagonal]", "score[z=1.0]", "score[complete_basis=false]", "tsv_m",
+               "score[rank_fraction=0.5]"]
     caches = []
 
     class Recording(FactorCache):
@@ -77,31 +78,45 @@ def test_each_expert_is_decomposed_once_per_rank_and_each_fold_basis_once(monkey
 
     monkeypatch.setattr(grid_module, "FactorCache", Recording)
     decompositions = []
-    original = factors.truncated_svd
-    monkeypatch.setattr(factors, "truncated_svd", lambda stack, k: decompositions.append(len(stack)) or original(stack, k))
+    original = factors.spectrum
+    monkeypatch.setattr(factors, "spectrum", lambda matrix, k: decompositions.append(k) or original(matrix, k))
     for _ in mergelib.merge_grid(experts, folds, methods):
         pass
     matrices = sum(len(s) == 2 for s in SHAPES.values())
     counts = caches[0].final_counts
-    assert sum(decompositions) == counts["triplets computed"] == len(names) * matrices  # T = 4 in every fold: one k
-    assert counts["triplets computed"] + counts["triplets reused"] == len(folds) * 4 * matrices  # one lookup per fold
-    # polar factors once per fold and matrix, shared by the four SCORE variants and TSV-M
-    assert counts["polars computed"] == len(folds) * matrices
-    # projections: once per fold, matrix and basis (completed or not), shared by the keep/z variants
-    assert counts["projection computed"] == len(folds) * matrices * 2
+    # T = 4 in every fold; the larger rank comes first, and the smaller one is read from the same spectrum
+    assert len(decompositions) == counts["triplets computed"] == len(names) * matrices
+    assert counts["triplets computed"] + counts["triplets reused"] == len(folds) * 4 * matrices * 2  # per fold and rank
+    # polar factors once per fold, matrix and rank, shared by the four SCORE variants and TSV-M
+    assert counts["polars computed"] == len(folds) * matrices * 2
+    # projections: once per fold, matrix and basis (completed or not, two ranks), shared by the keep/z variants
+    assert counts["projection computed"] == len(folds) * matrices * 3
     assert counts["projection reused"] == len(folds) * matrices * 2
+    # trimming statistics: once per fold, matrix and basis, shared by the variants that change z only
+    assert counts["trim statistics computed"] == len(folds) * matrices * 3
+    assert counts["trim statistics reused"] == len(folds) * matrices
 
 
-def test_truncated_svd_of_a_batch_is_each_matrix_alone_bitwise_even_with_a_rank_deficient_member():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_truncated_svd_of_a_batch_is_each_matrix_alone_and_any_larger_spectrum_bitwise(dtype):
     generator = torch.Generator().manual_seed(3)
-    for shape in [(40, 12), (12, 40), (16, 16)]:
-        stack = torch.randn(4, *shape, generator=generator)
-        stack[2] = torch.randn(shape[0], 2, generator=generator) @ torch.randn(2, shape[1], generator=generator)
+    for shape in [(40, 12), (12, 40), (16, 16)]:  # the Gram route (tall, wide) and the SVD route
+        stack = torch.randn(4, *shape, generator=generator, dtype=dtype)
+        low = torch.randn(shape[0], 2, generator=generator, dtype=dtype)
+        stack[2] = low @ torch.randn(2, shape[1], generator=generator, dtype=dtype)
         batched = common.truncated_svd(stack, 4)  # task 2's top 4 has zero singular values: its own fallback
         for t in range(4):
             alone = common.truncated_svd(stack[t], 4)
             for part_batched, part_alone in zip(batched, alone):
                 assert torch.equal(part_batched[t], part_alone), (shape, t)
+            for size in (4, 7, 12):  # what the factor cache keeps: the top of the spectrum, read for a smaller k
+                kept = common.spectrum(stack[t], size)
+                for k in (1, 3, 4):
+                    for part_kept, part_direct in zip(common.spectrum_triplets(stack[t], kept, k),
+                                                      common.truncated_svd(stack[t], k)):
+                        assert torch.equal(part_kept, part_direct), (shape, t, size, k)
+        with pytest.raises(ValueError, match="cannot give the top 5"):
+            common.spectrum_triplets(stack[0], common.spectrum(stack[0], 4), 5)
 
 
 def test_cached_factors_are_invalidated_when_a_task_vector_changes():
