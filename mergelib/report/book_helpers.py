@@ -351,6 +351,26 @@ class Evidence:
         above``), for ``ax.bar(..., yerr=bars[["below", "above"]].T.to_numpy())``."""
         return 100 * stats.error_bars(self.restricted(methods or list(self.correct)).correct, **self.options)
 
+    def group_error_bars(self, method: str) -> pd.DataFrame:
+        """Per held-out domain (or task) of ``method``: ``estimate, low, high, below, above`` in
+        percent, from :func:`mergelib.analysis.stats.bootstrap_ci` of that group alone; indexed by
+        the group's keys (``held_out``, or ``(benchmark, held_out)`` when nested so)."""
+        rows: dict[Any, dict[str, float]] = {}
+
+        def walk(node: Any, labels: Any, path: tuple) -> None:
+            if isinstance(node, Mapping):
+                for key, child in node.items():
+                    walk(child, labels.get(key) if isinstance(labels, Mapping) else labels, path + (key,))
+                return
+            estimate, low, high = stats.bootstrap_ci(node, labels=labels, confidence=self.confidence,
+                                                     n_resamples=self.n_resamples, seed=self.seed)
+            rows[path[0] if len(path) == 1 else path] = {
+                "estimate": 100 * estimate, "low": 100 * low, "high": 100 * high,
+                "below": 100 * max(0.0, estimate - low), "above": 100 * max(0.0, high - estimate)}
+
+        walk(self.correct[method], self.labels, ())
+        return pd.DataFrame.from_dict(rows, orient="index")
+
     def ordering(self, order: Sequence[str]) -> stats.Ordering:
         """How many steps of a claimed ordering (best first) the evidence resolves."""
         return stats.ordering_steps(self.correct, order, **self.options)

@@ -89,6 +89,10 @@ def test_evidence_sentences_follow_the_paired_interval():
     assert evidence.ordering(["top", "base", "bad"]).resolved == 2
     bars = evidence.error_bars(["top", "bad"])
     assert list(bars.index) == ["top", "bad"] and bars.loc["top", "estimate"] > 50  # percent
+    per_domain = evidence.group_error_bars("base")
+    assert list(per_domain.index) == ["photo", "sketch"]
+    assert per_domain.loc["sketch", "estimate"] == pytest.approx(100 * evidence.correct["base"]["sketch"].mean())
+    assert (per_domain["low"] <= per_domain["estimate"]).all() and (per_domain["estimate"] <= per_domain["high"]).all()
     assert bh.unpaired_sentence(0.01, -0.002, 0.022).endswith("unpaired normal approximation)")
 
 
