@@ -1,13 +1,16 @@
 """A straightforward reference implementation of SCORE (every variant) and TSV-M, for benchmarks and tests.
 
-Written the obvious way, as the released code reads: a Python loop over tensors and tasks,
+SCORE: Chaves et al., CVPR 2026, arXiv 2603.05768; TSV-M: Gargiulo et al., CVPR 2025, arXiv
+2412.00081. Written the obvious way, as the released code reads: a Python loop over tensors and tasks,
 ``torch.linalg.svd`` with its default full matrices for each task matrix, polar factors by full
 SVDs, projection and trimming task by task, in the inputs' dtype. Its only departures from the
 released code are the two documented rules that make the methods functions of their inputs
 (:mod:`mergelib.methods.common`): the sign rule of the singular vectors and the deterministic
 completion of the shared basis when T does not divide r. It is what
-``benchmarks/merge_benchmark.py`` and ``benchmarks/grid_benchmark.py`` time mergelib against,
-and it shares none of mergelib's factor code (truncated SVDs, caching), so agreement is evidence.
+``benchmarks/merge_benchmark.py`` and ``benchmarks/grid_benchmark.py`` time mergelib against and
+what ``tests/methods/test_svd.py`` checks mergelib's parity with (float64 to round-off, float32 to
+1e-2 relative), in the inputs' dtype; it shares none of mergelib's factor code (truncated SVDs,
+Gram routes, caching) but the completion, so agreement is evidence.
 """
 
 from __future__ import annotations
