@@ -105,7 +105,8 @@ def release_freed_memory() -> None:
 
 @contextmanager
 def measured(device: torch.device, record: dict):
-    """Record wall seconds and the peak memory allocated beyond what was resident at entry."""
+    """Record wall seconds, this process's CPU seconds (less sensitive than wall time to other
+    processes on a shared machine) and the peak memory allocated beyond what was resident at entry."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -117,11 +118,12 @@ def measured(device: torch.device, record: dict):
         except OSError:
             pass
         base = _vm("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize()
     record["seconds"] = round(time.perf_counter() - start, 3)
+    record["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _vm("VmHWM")
     record["peak_extra_bytes"] = None if peak is None or base is None else max(peak - base, 0)
 
