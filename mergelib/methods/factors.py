@@ -144,8 +144,8 @@ class FactorCache:
         self._stack = None
 
     def cached_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache holds (spectra and fold entries, not the referenced sources);
-        a view counts with its own size, so ``nbytes`` is an upper bound."""
+        """Every tensor the cache holds (spectra and fold entries, not the referenced sources), views
+        included (``nbytes`` counts each storage once)."""
         held = [t for _, _, entry in self._spectra.values() for t in entry.tensors()]
         return held + [t for value in self._fold.values() for t in _tensors(value)]
 
@@ -155,7 +155,8 @@ class FactorCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.cached_tensors())
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.cached_tensors()}
+        return sum(storages.values())
 
     # --------------------------------------------------------------- lookups
     def triplets(self, stack: torch.Tensor, k: int, signature: tuple) -> Triplets:

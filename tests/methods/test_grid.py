@@ -140,6 +140,19 @@ def test_cached_factors_are_invalidated_when_a_task_vector_changes():
             experts[names[2]] = {k: v.flip(0) if v.ndim == 2 else v for k, v in experts[names[2]].items()}
 
 
+def test_a_completed_basis_holds_the_polar_factors_it_extends():
+    experts = _experts()
+    fold = [experts[n] for n in list(experts)[:3]]  # T = 3 does not divide r = 8 or 12: completed bases
+    with FactorCache() as cache:
+        mergelib.merge("score", fold)
+        tensors = cache.cached_tensors()
+        shared = len(tensors) - len({t.untyped_storage().data_ptr() for t in tensors})
+        assert shared == 2 * sum(min(s) % 3 != 0 for s in SHAPES.values() if len(s) == 2)  # U and V views
+        assert cache.nbytes < sum(t.numel() * t.element_size() for t in tensors)
+        tsv = mergelib.merge("tsv_m", fold)  # from the views: bitwise what it is alone
+    _assert_bitwise(tsv, mergelib.merge("tsv_m", fold), "tsv_m after score")
+
+
 def test_grid_memory_is_bounded_by_the_cached_factors_and_released_at_the_end(monkeypatch):
     experts = _experts(count=6)
     names = list(experts)
@@ -163,9 +176,29 @@ def test_grid_memory_is_bounded_by_the_cached_factors_and_released_at_the_end(mo
     for _ in mergelib.merge_grid(experts, folds, methods):
         outputs += 1
     assert outputs == len(folds) * len(methods)
-    # the triplets of every expert (three ranks) plus one group's bases and projections
+    # the spectra of every expert (one for every rank) plus one group's bases and projections
     assert max(peaks) < 2 * expert_bytes, (max(peaks), expert_bytes)
     assert caches[0].live_tensors == 0  # nothing left once the grid is done
+
+
+def test_the_spectra_of_experts_no_later_fold_merges_are_released(monkeypatch):
+    experts = _experts()
+    caches = []
+
+    class Recording(FactorCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+    monkeypatch.setattr(grid_module, "FactorCache", Recording)
+    matrices = sum(len(s) == 2 for s in SHAPES.values())
+    held = []
+    for fold, _, _ in mergelib.merge_grid(experts, [["d0", "d1"], ["d1", "d2"], ["d3", "d4"]], ["score", "tsv_m"]):
+        held.append((tuple(fold), {id(source) for source, _, _ in caches[0]._spectra.values()}))
+    ids = {name: {id(t) for t in experts[name].values() if t.ndim == 2} for name in experts}
+    for fold, sources in held:  # d0 is gone in the second fold, d1 and d2 in the third
+        assert sources == set().union(*(ids[name] for name in fold)), fold
+        assert len(sources) == len(fold) * matrices
 
 
 @pytest.mark.parametrize("folds, methods, error", [
