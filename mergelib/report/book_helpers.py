@@ -386,6 +386,7 @@ def unpaired_sentence(difference: float, low: float, high: float, confidence: fl
 #: Configuration fields that do not change what a seeds-study run measures for a chapter.
 SEEDS_IGNORED_FIELDS = ("methods", "sweep_methods", "coefficients", "cache_dir", "device", "finetune_seed",
                         "pretrain_seed", "batch_size", "esm_proxy_count")
+#: What a chapter says in place of the seeds study's spread when the study has not been run.
 SEEDS_MISSING = "not available in this build: run `make seeds-study`"
 
 
@@ -411,7 +412,7 @@ def seeds_beside(single: pd.Series, setting: str, *, config: Mapping[str, Any] |
 
     ``study_dir`` defaults to ``results/studies/miniature_seeds``; ``setting`` is
     ``"domain_generalization"`` or ``"multitask"``. When the study is absent, the table holds one
-    note and the sentence is :data:`SEEDS_MISSING`. With ``config`` (the chapter's
+    note and the sentence is ``SEEDS_MISSING``. With ``config`` (the chapter's
     ``MiniatureConfig.as_dict()``) the sentence says when the study ran another configuration.
     """
     from mergelib.experiments.seeds_study import SEEDS_STUDY_DIR, seed_spread
