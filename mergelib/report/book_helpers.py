@@ -441,9 +441,13 @@ def seeds_beside(single: pd.Series, setting: str, *, config: Mapping[str, Any] |
             if record else "no provenance record")
     seeds = int(table["seeds"].max())
     sd = table["sd (points)"].dropna()
+    moving, fixed = sd[sd > 0], [str(m) for m in sd.index[sd == 0]]
     sentence = (f"Across {seeds} {factor} seeds (the seeds study, {when}), the mean accuracy of a method moves "
-                f"with a standard deviation of {sd.min():.1f} to {sd.max():.1f} points (median {sd.median():.1f})"
-                if len(sd) else f"The seeds study ({when}) has one {factor} seed per method: no spread")
+                f"with a standard deviation of {moving.min():.1f} to {moving.max():.1f} points (median "
+                f"{moving.median():.1f})" if len(moving) else
+                f"The seeds study ({when}) shows no spread across its {factor} seeds")
+    if len(moving) and fixed:
+        sentence += f"; {joined(fixed)} {'does' if len(fixed) == 1 else 'do'} not depend on these seeds"
     if config is not None and record.get("parameters"):
         study_parameters, own = _normalized(record["parameters"]), _normalized(dict(config))
         differing = sorted(k for k in study_parameters if k in own and k not in SEEDS_IGNORED_FIELDS

@@ -119,6 +119,7 @@ def test_seeds_beside_reads_the_study_or_says_how_to_make_it(tmp_path):
     assert found.table.loc["score", "seeds: mean (%)"] == pytest.approx(45.0)
     assert found.table.loc["score", "sd (points)"] == pytest.approx(2.0) and found.table.loc["score", "seeds"] == 3
     assert "Across 3 fine-tuning seeds" in found.sentence and "2026-01-02 at commit abcdef1234" in found.sentence
+    assert "standard deviation of 2.0 to 2.0 points" in found.sentence
     assert "differs in n_test" in found.sentence
     assert "differs" not in bh.seeds_beside(single, "domain_generalization", study_dir=tmp_path,
                                            config={"n_test": 1000}).sentence
