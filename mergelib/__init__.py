@@ -1,7 +1,7 @@
 """mergelib: subspace-based model merging of CLIP experts (SCORE, ESM and their baselines).
 
 The mathematics is pure functions over task vectors (dicts of tensors; :class:`TaskVector` adds
-their arithmetic), registered by name in :data:`METHODS`. The subpackages, from the mathematics up
+their arithmetic), registered by name in :data:`~mergelib.methods.registry.METHODS`. The subpackages, from the mathematics up
 (each may import only those before it):
 
 * :mod:`mergelib.methods`: the merging methods, their registry and the merge grid;
@@ -14,7 +14,7 @@ their arithmetic), registered by name in :data:`METHODS`. The subpackages, from 
 * :mod:`mergelib.report`: published numbers, comparisons, the book's build and helpers;
 
 with :mod:`mergelib.errors` and :mod:`mergelib.task_vectors` at the bottom and
-:mod:`mergelib.cli` at the top.
+``mergelib.cli`` (the command) at the top.
 """
 
 from mergelib import _moved

@@ -7,8 +7,8 @@
   benchmark and the contrastive pretraining pool (textures: scikit-image data, BSD licence).
 * :mod:`.suite`: the mini multi-task suite (Fashion-MNIST; scikit-learn's digits; the animal
   silhouettes of the ``animal-mnist`` wheel, MIT licence; scikit-image texture patches).
-* :mod:`.imageset`: the :class:`ImageSet` container.
-* :mod:`.dg_datasets`, :mod:`.task_suites`, :mod:`.files`, :mod:`.templates`: the real
+* ``imageset``: the ``ImageSet`` container.
+* :mod:`.dg_datasets`, :mod:`.task_suites`, :mod:`.files`, ``templates``: the real
   benchmarks' folder layouts (the papers' eight domain-generalisation benchmarks and the 8/14/20-task
   suites), their prompt templates, and :mod:`.standins`, small generated copies of those layouts.
 

@@ -1,4 +1,4 @@
-"""Merging methods, one module per family, all registered in :data:`METHODS` by name.
+"""Merging methods, one module per family, all registered in :data:`~mergelib.methods.registry.METHODS` by name.
 
 Every module of this package except the infrastructure (``registry``, ``common``, ``factors``,
 ``grid``, ``reference``) is a method family; importing the package imports them all, so each

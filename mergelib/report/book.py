@@ -97,7 +97,7 @@ NOTEBOOKS: tuple[BookNotebook, ...] = (
                  inputs=("results/studies/miniature_recipe/*", f"{SEEDS_STUDY}/*"), outputs=(f"{MINIATURE_RESULTS}/*",)),
     BookNotebook("ablations", smoke_parameters=_derivation_smoke(
         domains=["photo", "negative", "sketch"], z_values=[], rank_fractions=[], merge_baselines=["task_arithmetic"],
-        esm_decompositions=["esd"], esm_coefficients=[1.0], esm_proxy_count=8)),
+        esm_decompositions=["esd"], esm_coefficients=[1.0], esm_proxy_count=8), inputs=(f"{SEEDS_STUDY}/*",)),
     BookNotebook("benchmark_dg", smoke_parameters={
         "datasets": ["PACS"], "methods": ["task_arithmetic", "score", "esm"], "standin_images_per_class": 2,
         "standin_epochs": 1, "weights": "random"},
