@@ -209,7 +209,9 @@ def main(argv=None) -> int:
         "merge_grid": {**record_grid, "bitwise_identical_to_merge": identical, "peak_fraction_of_twice": (
             record_grid["peak_extra_bytes"] / twice if record_grid.get("peak_extra_bytes") is not None else None),
             "live_memory": live},
-        "merge_one_at_a_time": record_merge, "reference": record_reference,
+        "merge_one_at_a_time": {**record_merge, "peak_fraction_of_twice": (
+            record_merge["peak_extra_bytes"] / twice if record_merge.get("peak_extra_bytes") is not None else None)},
+        "reference": record_reference,
         "speedup_over_merge": record_merge["seconds"] / record_grid["seconds"],
         "speedup_over_reference_estimated": record_reference["estimated_grid_seconds"] / record_grid["seconds"],
         "speedup_over_merge_cpu_seconds": record_merge["cpu_seconds"] / record_grid["cpu_seconds"],
@@ -226,6 +228,9 @@ def main(argv=None) -> int:
         print(f"  merge_grid live memory (child process, {LIVE_MEMORY_ENV}): peak extra "
               f"{live['peak_extra_bytes'] / 2**20:.0f} MiB, {live['peak_fraction_of_twice']:.2f} of all task "
               "vectors twice")
+    if record_merge.get("peak_extra_bytes") is not None:
+        print(f"  merge one at a time: peak extra {record_merge['peak_extra_bytes'] / 2**20:.0f} MiB "
+              f"({result['merge_one_at_a_time']['peak_fraction_of_twice']:.2f} of all task vectors twice)")
     print(f"  merge one at a time {record_merge['seconds']:.1f} s -> grid {result['speedup_over_merge']:.1f}x faster "
           f"({result['speedup_over_merge_cpu_seconds']:.1f}x in CPU seconds)")
     print(f"  reference (estimated from {len(timed)} merges) {record_reference['estimated_grid_seconds']:.0f} s -> "

@@ -86,6 +86,13 @@ def trim_statistics(off_diagonal: torch.Tensor, statistics: str = "released") ->
     return entries.mean(dim=-1)[..., None, None], entries.std(dim=-1, correction=1)[..., None, None]
 
 
+def off_diagonal_part(projected: torch.Tensor) -> torch.Tensor:
+    """The ``[..., r, r]`` matrices with their diagonal zeroed (a copy)."""
+    off_diagonal = projected.clone()
+    torch.diagonal(off_diagonal, dim1=-2, dim2=-1).zero_()
+    return off_diagonal
+
+
 def task_moments(projected: torch.Tensor, statistics: str = "released") -> tuple[torch.Tensor, torch.Tensor]:
     """The trimming statistics (:func:`trim_statistics`) of the projected ``[T, r, r]`` matrices."""
     return trim_statistics(off_diagonal_part(projected), statistics)
@@ -96,13 +103,6 @@ def trim_mask(off_diagonal: torch.Tensor, z: float, divisor: float, statistics: 
     of their mean (statistics per task, see :func:`trim_statistics`)."""
     mean, std = trim_statistics(off_diagonal, statistics)
     return (off_diagonal - mean).abs() <= z * std / divisor
-
-
-def off_diagonal_part(projected: torch.Tensor) -> torch.Tensor:
-    """The ``[..., r, r]`` matrices with their diagonal zeroed (a copy)."""
-    off_diagonal = projected.clone()
-    torch.diagonal(off_diagonal, dim1=-2, dim2=-1).zero_()
-    return off_diagonal
 
 
 def score_core(
@@ -166,7 +166,7 @@ def score_from_basis(
         moments = fold_value(stack, "trim statistics", None if basis_id is None else (basis_id, trim_statistics),
                              lambda: task_moments(projected, trim_statistics))
     core = score_core(projected, keep, z, divide_by_tasks, trim_statistics, moments=moments)
-    # the cheaper order of the two products: reduce the long side last
+    # the small factors first: r^2 min(m, n) + m r n multiply-adds instead of r^2 max(m, n) + m r n
     return u_star @ (core @ vh_star) if u_star.shape[0] > vh_star.shape[1] else (u_star @ core) @ vh_star
 
 
