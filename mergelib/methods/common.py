@@ -440,7 +440,7 @@ def svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 GRAM_ASPECT = 1.5  # the Gram route pays off when one side is at least this much longer than the other
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity, not entry by entry
 class Spectrum:
     """The top ``size`` singular directions of one matrix: what :func:`spectrum_triplets` needs to
     give its top-k triplets for every ``k <= size`` (and what the factor cache keeps per expert).
