@@ -44,6 +44,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import torch
 
 from mergelib.errors import ParameterError, UnknownNameError
+from mergelib.methods.common import is_list_like
 from mergelib.methods.factors import FactorCache
 from mergelib.methods.registry import MethodSpec, check_method_parameters, merge, parse_method_spec, validate_task_vectors
 
@@ -80,13 +81,13 @@ def grid_order(specs: Sequence[MethodSpec]) -> list[int]:
 
 
 def _check_folds(task_vectors: Mapping[str, Mapping[str, torch.Tensor]], folds) -> list[list[str]]:
-    if isinstance(folds, (str, bytes, Mapping)) or not isinstance(folds, Sequence):
+    if not is_list_like(folds):
         raise ParameterError(f"folds must be a list of lists of expert names, got {type(folds).__name__}")
     if not folds:
         raise ParameterError("folds is empty: give at least one list of expert names to merge")
     checked = []
     for index, fold in enumerate(folds):
-        if isinstance(fold, (str, bytes)) or not isinstance(fold, Sequence):
+        if not is_list_like(fold):
             raise ParameterError(f"fold {index} must be a list of expert names, got {fold!r}")
         if not fold:
             raise ParameterError(f"fold {index} is empty: a merge needs at least one expert")

@@ -89,8 +89,29 @@ def load_benchmark_records(benchmark_dir: str | Path, kind: str = "merge") -> di
     runs: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(Path(benchmark_dir).glob(f"{kind}-*.json")):
         record = json.loads(path.read_text())
-        runs.setdefault(torch.device(record["parameters"]["device"]).type, []).append(record)
+        runs.setdefault(torch.device(record["parameters"].get("device", "cpu")).type, []).append(record)
     return runs
+
+
+def grid_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run of ``benchmarks/grid_benchmark.py``: the merges of SCORE's ablation grid
+    (leave-one-out folds x methods), the grid's and one-at-a-time seconds, the speed-ups over
+    ``mergelib.merge`` and over the float32 reference, the grid's peak memory as a fraction of
+    all task vectors held twice, and whether every grid result was bitwise that of ``merge``."""
+    rows = []
+    for record in records:
+        result = record["results"]
+        grid = result["merge_grid"]
+        rows.append({
+            "run": run_label(record), "backbone": result["backbone"], "layers": result["layers"],
+            "folds x methods": f"{result['folds']} x {len(result['methods'])}", "T": result["tasks_per_fold"],
+            "grid (s)": grid["seconds"], "one at a time (s)": result["merge_one_at_a_time"]["seconds"],
+            "vs merge": result["speedup_over_merge"], "vs reference": result["speedup_over_reference_estimated"],
+            "peak / (task vectors x 2)": grid["peak_fraction_of_twice"],
+            "bitwise equal": f"{grid['bitwise_identical_to_merge']} of {result['merges']}",
+            "load before": result["load_average"]["before"][0], "load after": result["load_average"]["after"][0],
+        })
+    return pd.DataFrame(rows)
 
 
 def benchmark_configurations(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -124,3 +124,17 @@ def test_seeds_beside_reads_the_study_or_says_how_to_make_it(tmp_path):
     assert "differs" not in bh.seeds_beside(single, "domain_generalization", study_dir=tmp_path,
                                            config={"n_test": 1000}).sentence
     assert not bh.seeds_beside(single, "multitask", study_dir=tmp_path).available
+
+
+def test_grid_table_reads_the_grid_benchmark_as_stored():
+    from mergelib.report.book_helpers import benchmark_location, grid_table, load_benchmark_records
+
+    records = load_benchmark_records(benchmark_location(""), "grid").get("cpu", [])
+    assert records, "results/benchmarks/grid-*.json is committed"
+    table = grid_table(records)
+    assert len(table) == len(records)
+    for (_, row), record in zip(table.iterrows(), records):
+        result = record["results"]
+        # the speed-up is the ratio of the two timings the run recorded
+        assert row["one at a time (s)"] / row["grid (s)"] == pytest.approx(result["speedup_over_merge"], rel=1e-3)
+        assert row["T"] == result["tasks_per_fold"] and row["backbone"] == result["backbone"]
