@@ -234,8 +234,9 @@ HIDDEN_INPUT = {"hide-input", "remove-input", "hide-cell", "remove-cell"}
 
 
 def test_visible_code_fits_the_page_width():
-    """Code a reader sees (cells without a hide or remove tag) stays within 88 columns, the width
-    of a code cell at the book theme's default page width, so no cell scrolls sideways."""
+    """Code a reader sees (cells without a hide or remove tag) stays within 88 columns, so it reads
+    as written; at the theme's default width a code cell holds about 75, and longer lines wrap
+    (book/_static/wrap-code.css) instead of scrolling sideways."""
     import json
 
     from mergelib.report.book import NOTEBOOK_DIR
