@@ -125,15 +125,13 @@ def evaluate_multitask(
 
     reference_rows = []
     for split in splits:
-        reference_rows += evaluate(pretrained, split, ZERO_SHOT, float("nan"))
-        if experts is not None:
+        own_rows = []
+        if experts is not None:  # first: their accuracies normalize every other row of the split
             own_rows = [row for task in tasks for row in evaluate(experts[task], split, FINE_TUNED, float("nan"), [task])]
             for row in own_rows:
-                normalizer.setdefault((split, row["task"]), row["accuracy"])
-            reference_rows += own_rows
-    for row in reference_rows:  # the normalizer is complete only now
-        own = normalizer.get((row["split"], row["task"]))
-        row["normalized_accuracy"] = row["accuracy"] / own if own else float("nan")
+                own = normalizer.setdefault((split, row["task"]), row["accuracy"])
+                row["normalized_accuracy"] = row["accuracy"] / own if own else float("nan")
+        reference_rows += evaluate(pretrained, split, ZERO_SHOT, float("nan")) + own_rows
     reference = pd.DataFrame(reference_rows).assign(selected=True)
 
     rows_of: dict[str, list[dict]] = {}  # the grid's order; the table keeps the order of ``methods``

@@ -138,8 +138,6 @@ def load_results(path: str | Path, **conform_options: Any) -> pd.DataFrame:
         frame = pd.read_csv(file).rename(columns=LEGACY_NAMES)
         if "setting" not in frame.columns and conform_options:
             frame = conform(frame, **conform_options)
-        elif "metric" not in frame.columns and "value" not in frame.columns and "accuracy" in frame.columns:
-            frame = frame.assign(metric="accuracy", value=frame["accuracy"])
         frames.append(check_results(order_columns(frame), what=str(file)))
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
