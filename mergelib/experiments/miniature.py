@@ -35,12 +35,11 @@ from mergelib.models.finetune import MINIATURE_FINETUNE, FinetuneConfig, finetun
 from mergelib.models.heads import ClassificationHead, zero_shot_head
 from mergelib.models.essential import subspaces_of_experts
 from mergelib.methods import parse_method_spec
-from mergelib.methods.common import check_choice, resolve_device
+from mergelib.methods.common import check_choice, coerce_parameter, resolve_device
 from mergelib.methods.esm import needs_essential_subspaces
 from mergelib.protocols.multitask import evaluate_multitask
 from mergelib.protocols.results import DOMAIN_GENERALIZATION, MULTITASK, CorrectnessCollector, conform
 from mergelib.analysis.stats import load_correctness, save_correctness
-from mergelib.methods.common import coerce_parameter
 from mergelib.models.pretrain import PretrainConfig, pretrained_tiny_clip
 from mergelib.io.provenance import REPO_ROOT, StageTimer, code_fingerprint, git_state, provenance, write_json
 from mergelib.task_vectors import StateDict, encoder_state, task_vector
