@@ -21,6 +21,8 @@ from mergelib.data.domains import (
     DOMAINS,
     Domain,
     DomainBenchmark,
+    MAX_TEST_PER_DOMAIN,
+    MAX_TRAIN_PER_DOMAIN,
     caption_for,
     make_domain_benchmark,
     make_pretraining_pool,
@@ -34,7 +36,7 @@ from mergelib.data.suite import MINI_SUITE_TASKS, TaskSpec, make_task
 __all__ = [
     "ImageSet", "UnknownNameError", "DatasetNotFoundError",
     "DOMAINS", "DEFAULT_DOMAINS", "Domain", "render_domain", "caption_for", "DOMAIN_BENCHMARK_TEMPLATES",
-    "make_domain_benchmark", "make_pretraining_pool", "DomainBenchmark",
+    "make_domain_benchmark", "make_pretraining_pool", "DomainBenchmark", "MAX_TEST_PER_DOMAIN", "MAX_TRAIN_PER_DOMAIN",
     "MINI_SUITE_TASKS", "TaskSpec", "make_task",
     "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_REGIONS",
 ]

@@ -165,6 +165,10 @@ DOMAINS: dict[str, Domain] = {
                "halftone print", _halftone),
     )
 }
+#: The most training images a domain has (its slot of the benchmark's train region) and the most
+#: test images (the whole test region, shared by the domains).
+MAX_TRAIN_PER_DOMAIN = (FASHION_REGIONS["train"]["benchmark"][1] - FASHION_REGIONS["train"]["benchmark"][0]) // BENCHMARK_SLOTS
+MAX_TEST_PER_DOMAIN = FASHION_REGIONS["test"]["benchmark"][1] - FASHION_REGIONS["test"]["benchmark"][0]
 DEFAULT_DOMAINS = ("photo", "negative", "texture", "sketch", "blur_noise", "halftone")
 # a domain's benchmark slot is its position here, so it never depends on which domains were requested
 _SLOT = {name: i for i, name in enumerate(DOMAINS)}
@@ -235,12 +239,21 @@ def _check_domains(domains: Sequence[str]) -> tuple[str, ...]:
 
 def _render_split(domain: str, split: str, n: int, seed: int, purpose: str) -> ImageSet:
     start, end = FASHION_REGIONS[split]["benchmark"]
-    slot = (end - start) // BENCHMARK_SLOTS
-    if n > slot:
-        raise ValueError(f"n_{split}={n} is too large: the benchmark holds {slot} Fashion-MNIST {split} "
-                         f"images per domain ({BENCHMARK_SLOTS} disjoint slots of the {split} split)")
-    first = start + _SLOT[domain] * slot
-    index = draw_from_region(split, first, first + slot, n, seed, f"{purpose}/{domain}/{split}")
+    if split == "train":
+        # each domain trains on its own garments, so no expert has seen another domain's images
+        if n > MAX_TRAIN_PER_DOMAIN:
+            raise ValueError(f"n_train={n} is too large: the benchmark holds {MAX_TRAIN_PER_DOMAIN} Fashion-MNIST "
+                             f"train images per domain ({BENCHMARK_SLOTS} disjoint slots of the train split); "
+                             f"use n_train <= {MAX_TRAIN_PER_DOMAIN}")
+        first = start + _SLOT[domain] * MAX_TRAIN_PER_DOMAIN
+        index = draw_from_region(split, first, first + MAX_TRAIN_PER_DOMAIN, n, seed, f"{purpose}/{domain}/{split}")
+    else:
+        # every domain is tested on the same garments (the whole benchmark region of the test split,
+        # up to its size), rendered in its own style: larger test sets, and domains compared on equal content
+        if n > MAX_TEST_PER_DOMAIN:
+            raise ValueError(f"n_test={n} is too large: the benchmark's test region holds {MAX_TEST_PER_DOMAIN} "
+                             f"Fashion-MNIST test images; use n_test <= {MAX_TEST_PER_DOMAIN}")
+        index = draw_from_region(split, start, end, n, seed, f"{purpose}/{split}")
     images, labels = load_fashion_mnist(split)
     rgb = render_domain(domain, images[index], derive_seed(seed, purpose, split))
     return to_imageset(rgb, labels[index], FASHION_MNIST_CLASSES, f"fashion-domains/{domain}/{split}", index)
@@ -249,10 +262,13 @@ def _render_split(domain: str, split: str, n: int, seed: int, purpose: str) -> I
 def make_domain_benchmark(
     domains: Sequence[str] = DEFAULT_DOMAINS, n_train: int = 2000, n_test: int = 1000, seed: int = 0
 ) -> DomainBenchmark:
-    """Fashion-MNIST rendered in each domain, disjoint source images across domains.
+    """Fashion-MNIST rendered in each domain: disjoint training garments across domains, the same
+    test garments in every domain (each rendered in the domain's style).
 
     A domain's images depend only on (domain, sizes, seed), not on the other domains requested.
-    At most 4000 train and 1250 test images per domain.
+    At most 4000 train images per domain (a sixth of the benchmark's train region) and 7500 test
+    images (the benchmark's whole test region; the other 2500 Fashion-MNIST test images belong to
+    the ``fashion`` task).
     """
     domains = _check_domains(domains)
     train = {d: _render_split(d, "train", n_train, seed, "benchmark") for d in domains}

@@ -9,13 +9,15 @@ Every consumer draws from its own fixed region of a fixed permutation of each sp
 and the ``fashion`` task never share a source image, whatever seeds and sizes they are given:
 
 ========= ================================ ====================== ==========================
-split     domain benchmark (6 slots)       pretraining pool       ``fashion`` task
+split     domain benchmark                 pretraining pool       ``fashion`` task
 ========= ================================ ====================== ==========================
 train     [0, 24000): slot k = [4000k, ..) [24000, 50000)         [50000, 60000)
-test      [0, 7500): slot k = [1250k, ..)  (none)                 [7500, 10000)
+test      [0, 7500): all domains           (none)                 [7500, 10000)
 ========= ================================ ====================== ==========================
 
-Seeds only choose which positions of a region are used (and the rendering randomness).
+Each domain trains on its own slot of the train region; all domains are tested on the same draw
+from the whole test region, each rendered in its own style. Seeds only choose which positions of
+a region are used (and the rendering randomness).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ FASHION_REGIONS = {
     "train": {"benchmark": (0, 24000), "pool": (24000, 50000), "task": (50000, 60000)},
     "test": {"benchmark": (0, 7500), "task": (7500, 10000)},
 }
-BENCHMARK_SLOTS = 6  # the benchmark region is cut into this many equal per-domain slots
+BENCHMARK_SLOTS = 6  # the benchmark's train region is cut into this many equal per-domain slots
 _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049  # IDX: 0x0803 (uint8, 3-D) and 0x0801 (uint8, 1-D)
 
 

@@ -27,7 +27,8 @@ import torch
 
 from mergelib.models.backbones import BACKBONES, Clip, create_clip
 from mergelib.io.checkpoints import cached_state, cached_tables, config_hash, expect_shapes
-from mergelib.data import DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, MINI_SUITE_TASKS, ImageSet, make_domain_benchmark, make_task
+from mergelib.data import (DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, MAX_TEST_PER_DOMAIN, MAX_TRAIN_PER_DOMAIN,
+                           MINI_SUITE_TASKS, ImageSet, make_domain_benchmark, make_task)
 from mergelib.protocols.domain_generalization import evaluate_leave_one_domain_out
 from mergelib.errors import ParameterError, lookup
 from mergelib.models.evaluation import EncoderEvaluator
@@ -83,7 +84,7 @@ class MiniatureConfig:
     sweep_methods: tuple[str, ...] = ("weight_average", "task_arithmetic")  # also evaluated at every coefficient
     coefficients: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
     n_train: int = 4000
-    n_test: int = 1000
+    n_test: int = 7500  # every domain is tested on all 7500 garments of the benchmark's test region
     lr: float = MINIATURE_FINETUNE.lr
     batch_size: int = MINIATURE_FINETUNE.batch_size
     warmup_steps: int = MINIATURE_FINETUNE.warmup_steps
@@ -139,6 +140,10 @@ class MiniatureConfig:
                      "task_n_train", "task_n_val", "task_n_test", "esm_proxy_count", "task_epochs"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
+        for name, most in (("n_train", MAX_TRAIN_PER_DOMAIN), ("n_test", MAX_TEST_PER_DOMAIN)):
+            if getattr(self, name) > most:
+                raise ParameterError(f"parameter {name!r} must be at most {most} (the Fashion-MNIST images a domain "
+                                     f"has), got {getattr(self, name)}")
 
     @property
     def finetune(self) -> FinetuneConfig:

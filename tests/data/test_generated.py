@@ -82,16 +82,31 @@ def test_domain_images_do_not_depend_on_other_domains(small):
 # ----------------------------------------------------------------------------- disjointness
 def test_domains_pool_and_fashion_task_are_disjoint_at_maximum_sizes():
     # different seeds on purpose: the partition must not depend on them
-    bench = make_domain_benchmark(n_train=4000, n_test=1250, seed=0)
+    bench = make_domain_benchmark(n_train=4000, n_test=7500, seed=0)
     pool, _ = make_pretraining_pool(("photo", "negative", "texture"), 6000, seed=1)
     fashion_train, fashion_test = make_task("fashion", 10**6, 10**6, seed=2)  # capped at the maxima
     assert len(fashion_train) == 10000 and len(fashion_test) == 2500
     train_sets = [_ids(bench.train[d]) for d in DEFAULT_DOMAINS] + [_ids(pool), _ids(fashion_train)]
-    test_sets = [_ids(bench.test[d]) for d in DEFAULT_DOMAINS] + [_ids(fashion_test)]
-    for group in (train_sets, test_sets):
-        for a, b in itertools.combinations(group, 2):
-            assert not a & b
+    for a, b in itertools.combinations(train_sets, 2):
+        assert not a & b
     assert sum(map(len, train_sets)) == len(set().union(*train_sets)) == 24000 + 18000 + 10000
+    # every domain is tested on the same garments: all 7500 of the benchmark's test region,
+    # none of them the fashion task's
+    domain_tests = {frozenset(_ids(bench.test[d])) for d in DEFAULT_DOMAINS}
+    assert len(domain_tests) == 1
+    (domain_test,) = domain_tests
+    assert len(domain_test) == 7500 and not domain_test & _ids(fashion_test)
+    assert len(domain_test | _ids(fashion_test)) == 10000
+
+
+def test_domains_share_test_garments_in_the_same_order_at_any_size():
+    bench = make_domain_benchmark(("photo", "sketch"), n_train=10, n_test=300, seed=3)
+    photo, sketch = bench.test["photo"], bench.test["sketch"]
+    assert torch.equal(photo.source_indices, sketch.source_indices)
+    assert torch.equal(photo.labels, sketch.labels)
+    assert not torch.equal(photo.images, sketch.images)  # same garments, each domain's rendering
+    alone = make_domain_benchmark(("sketch",), n_train=10, n_test=300, seed=3)
+    assert torch.equal(alone.test["sketch"].images, sketch.images)
 
 
 def test_source_indices_point_at_the_rendered_images(small):
@@ -105,8 +120,8 @@ def test_source_indices_point_at_the_rendered_images(small):
 def test_sizes_beyond_the_regions_raise():
     with pytest.raises(ValueError, match="4000"):
         make_domain_benchmark(("photo",), n_train=4001, n_test=10)
-    with pytest.raises(ValueError, match="1250"):
-        make_domain_benchmark(("photo",), n_train=10, n_test=1251)
+    with pytest.raises(ValueError, match="n_test <= 7500"):
+        make_domain_benchmark(("photo",), n_train=10, n_test=7501)
     with pytest.raises(ValueError, match="26000"):
         make_pretraining_pool(DEFAULT_DOMAINS, 5000, seed=0)
 
