@@ -335,9 +335,9 @@ def _check_subspaces(
                  switch="task_norm='truncated'",
                  mergelib="a subspace stored truncated (`essential_subspaces(keep=...)` < d_out columns) gives "
                           "‖ΔW_t‖_F, its value for any orthonormal completion; pass complete bases (keep=d_out) "
-                          "to reproduce the released value exactly. Measured with the released code (reported "
-                          "with issue 12): its task norm with truncated subspaces differs from mergelib's by "
-                          "about 2e-3"),
+                          "to reproduce the released value exactly. Measured once by the project with the "
+                          "released code (not rerun by the build): its task norm with truncated subspaces differs "
+                          "from mergelib's by about 2e-3"),
         CodeNote("which layers get the ESD",
                  paper="every layer, no exclusion described (notes)",
                  released="QKV, MLP fc1 and fc2 (out_proj's hook is commented out); `attn.out_proj.weight`, "
@@ -373,9 +373,9 @@ def _check_subspaces(
                  released="when the per-task budget exceeds the number of non-zero eigenvalues (for `mlp.c_fc` "
                           "whenever T ≤ 3 at ViT widths), it picks among exactly-zero eigenvalues with an unstable "
                           "sort, so its result there is not a function of its inputs",
-                 mergelib="a stable order: deterministic. Measured with the released code on a ViT-B/32 block "
-                          "(reported with issue 12): merged `c_fc` differs by about 5e-2 (relative) from "
-                          "mergelib's, 7e-6 when both are given the same subspaces"),
+                 mergelib="a stable order: deterministic. Measured once by the project with the released code "
+                          "on a ViT-B/32 block (not rerun by the build): merged `c_fc` differs by about 5e-2 "
+                          "(relative) from mergelib's, 7e-6 when both are given the same subspaces"),
     ),
     checks=dict(
         subspaces=check_subspaces_argument, alpha=Number(), alpha_scope=Choice(ALPHA_SCOPES),
