@@ -25,8 +25,10 @@ Not from a paper: this is infrastructure.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -52,6 +54,9 @@ NOTICE_SECONDS = 600.0
 HEARTBEAT_SECONDS = 60.0
 #: ... and the lock of an owner on another host that has not been refreshed for this long is stale.
 FOREIGN_STALE_SECONDS = 600.0
+#: A lock file's temporary is written in milliseconds: an unreadable one (cut off mid-write by a
+#: kill) that is older than this was abandoned.
+ABANDONED_TEMPORARY_SECONDS = 60.0
 
 
 class LockHeldError(MergelibError, RuntimeError):
@@ -211,6 +216,26 @@ class OwnerLock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _clear_abandoned_temporaries(self) -> None:
+        """Remove the temporaries that a process killed inside :meth:`_create` (``.tmp``) or
+        :meth:`_remove_stale` (``.stale``) left beside the lock: those whose owner is gone, and
+        unreadable ones older than ``ABANDONED_TEMPORARY_SECONDS``. Only names of exactly that
+        form are touched; a live owner's temporary stays."""
+        own_name = re.compile(rf"\.{re.escape(self.path.name)}\.[0-9a-f]{{32}}\.(tmp|stale)")
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.*"):
+            if not own_name.fullmatch(leftover.name):
+                continue
+            try:
+                text, age = leftover.read_text(), time.time() - leftover.stat().st_mtime
+            except OSError:
+                continue  # removed meanwhile
+            try:
+                abandoned = LockOwner.from_json(text).alive(age) is False
+            except (ValueError, KeyError, TypeError):
+                abandoned = age > ABANDONED_TEMPORARY_SECONDS
+            if abandoned:
+                leftover.unlink(missing_ok=True)
+
     def _remove_stale(self, text: str) -> None:
         """Remove the lock file if it still holds ``text`` (a stale owner's lock).
 
@@ -255,6 +280,7 @@ class OwnerLock:
         if self.held:
             raise RuntimeError(f"{self.path}: this OwnerLock is held already")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clear_abandoned_temporaries()
         mine = LockOwner.current(self.purpose).to_json()
         for _ in range(100):  # a few rounds at most, unless processes keep taking the lock in turn
             if self._create(mine):

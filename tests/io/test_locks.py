@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mergelib.io.locks import FOREIGN_STALE_SECONDS, LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
+from mergelib.io.locks import ABANDONED_TEMPORARY_SECONDS, FOREIGN_STALE_SECONDS, LockHeldError, LockOwner, OwnerLock, lock_holder, read_owner
 from mergelib.experiments.sweep import Job, check_record, execute_job, load_record, run_sweep, sweep_lock_path, sweep_status
 from sweep_jobs import executions, square_jobs
 
@@ -107,6 +107,31 @@ def test_a_reused_pid_a_foreign_host_and_an_unreadable_file_are_told_apart(tmp_p
     path.write_text("not json")
     with pytest.raises(LockHeldError, match=rf"{path} is not a lock file mergelib can read.*delete {path} and rerun"):
         OwnerLock(path, "me").acquire()
+
+
+def test_temporaries_left_by_a_kill_inside_create_are_cleared_but_not_a_live_owners_or_a_users_file(tmp_path):
+    path = tmp_path / "x.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    me = LockOwner.current("a test")
+    dead_owner = LockOwner(**{**me.__dict__, "pid": int(dead.stdout), "process_start": None})
+    assert dead_owner.alive() is False
+    names = {kind: f".x.lock.{kind[0] * 32}.{suffix}" for kind, suffix in
+             (("a-dead-owner", "tmp"), ("b-cut-off-long-ago", "tmp"), ("c-cut-off-just-now", "tmp"),
+              ("d-live-owner", "tmp"), ("e-dead-aside", "stale"))}
+    (tmp_path / names["a-dead-owner"]).write_text(dead_owner.to_json())
+    (tmp_path / names["b-cut-off-long-ago"]).write_text('{"host": "')
+    old = time.time() - ABANDONED_TEMPORARY_SECONDS - 5
+    os.utime(tmp_path / names["b-cut-off-long-ago"], (old, old))
+    (tmp_path / names["c-cut-off-just-now"]).write_text('{"host": "')  # maybe still being written
+    (tmp_path / names["d-live-owner"]).write_text(me.to_json())
+    (tmp_path / names["e-dead-aside"]).write_text(dead_owner.to_json())
+    users = [tmp_path / ".x.lock.notes.tmp", tmp_path / "x.lock.backup"]
+    for user_file in users:
+        user_file.write_text("mine")
+    with OwnerLock(path, "me"):
+        left = sorted(p.name for p in tmp_path.iterdir() if p != path)
+    assert left == sorted([names["c-cut-off-just-now"], names["d-live-owner"], *(u.name for u in users)])
+    assert all(u.read_text() == "mine" for u in users)
 
 
 def test_a_holder_refreshes_its_lock_until_it_releases_it(tmp_path):
