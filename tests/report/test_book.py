@@ -249,3 +249,19 @@ def test_visible_code_fits_the_page_width():
             too_long += [f"{path.name} cell {index}: {len(line)} columns: {line[:60]}..."
                          for line in "".join(cell["source"]).splitlines() if len(line) > 88]
     assert not too_long, "\n".join(too_long)
+
+
+def test_every_notebook_cell_has_a_unique_id():
+    """nbformat 4.5 cell ids: a copied cell keeps its id, and nbformat then renames the duplicate
+    at every execution (a warning today, an error in later nbformat versions)."""
+    import json
+    from collections import Counter
+
+    from mergelib.report.book import NOTEBOOK_DIR
+
+    problems = []
+    for path in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
+        ids = [cell.get("id") for cell in json.loads(path.read_text())["cells"]]
+        problems += [f"{path.name}: cell {index} has no id" for index, i in enumerate(ids) if not i]
+        problems += [f"{path.name}: id {i!r} on {n} cells" for i, n in Counter(ids).items() if i and n > 1]
+    assert not problems, "\n".join(problems)
