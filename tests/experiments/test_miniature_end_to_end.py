@@ -54,6 +54,12 @@ def _papermill(tmp_path, **parameters):  # chapter 1
     return out
 
 
+def _files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time (ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_every_notebook_runs_with_smoke_parameters_and_the_book_builds(tiny_config, tmp_path, monkeypatch):
     from mergelib.report.book import NOTEBOOKS, build_book, execute_notebooks
 
@@ -63,10 +69,17 @@ def test_every_notebook_runs_with_smoke_parameters_and_the_book_builds(tiny_conf
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, book / name)
     shutil.copytree(ROOT / "book", book / "book", ignore=shutil.ignore_patterns("_generated"))
-    results = tmp_path / "results"
+    results, standin = tmp_path / "results", tmp_path / "standin"
+    before = _files_under(ROOT / "results")
     execute_notebooks(book / "book" / "_generated", smoke=True, log_output=False,
-                      extra={"domain_generalization": {"results_dir": str(results)}})
+                      extra={"domain_generalization": {"results_dir": str(results)},
+                             "benchmark_dg": {"results_dir": str(standin)},
+                             "benchmark_multitask": {"results_dir": str(standin)},
+                             "results": {"miniature_results_dir": str(results)}})
     assert (results / "results.csv").exists()
+    assert any(standin.glob("*/domain_generalization/*/provenance.json"))
+    assert any(standin.glob("*/multitask/*/provenance.json"))
+    assert _files_under(ROOT / "results") == before, "the smoke build changed the repository's results/"
     # with warnings as errors, so an unresolved glue key, reference or toc entry fails
     done = build_book(book, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
