@@ -24,6 +24,7 @@ from mergelib.data.domains import (
     MAX_TEST_PER_DOMAIN,
     MAX_TRAIN_PER_DOMAIN,
     caption_for,
+    check_benchmark_sizes,
     make_domain_benchmark,
     make_pretraining_pool,
     render_domain,
@@ -37,6 +38,7 @@ __all__ = [
     "ImageSet", "UnknownNameError", "DatasetNotFoundError",
     "DOMAINS", "DEFAULT_DOMAINS", "Domain", "render_domain", "caption_for", "DOMAIN_BENCHMARK_TEMPLATES",
     "make_domain_benchmark", "make_pretraining_pool", "DomainBenchmark", "MAX_TEST_PER_DOMAIN", "MAX_TRAIN_PER_DOMAIN",
+    "check_benchmark_sizes",
     "MINI_SUITE_TASKS", "TaskSpec", "make_task",
     "load_fashion_mnist", "FASHION_MNIST_CLASSES", "FASHION_REGIONS",
 ]

@@ -237,22 +237,28 @@ def _check_domains(domains: Sequence[str]) -> tuple[str, ...]:
     return domains
 
 
+def check_benchmark_sizes(n_train: int, n_test: int) -> None:
+    """Refuse sizes the benchmark cannot give a domain (``ValueError`` naming the bound): at most
+    ``MAX_TRAIN_PER_DOMAIN`` train images (each domain's own slot) and ``MAX_TEST_PER_DOMAIN`` test
+    images (the test region, shared by the domains)."""
+    if n_train > MAX_TRAIN_PER_DOMAIN:
+        raise ValueError(f"n_train={n_train} is too large: the benchmark holds {MAX_TRAIN_PER_DOMAIN} Fashion-MNIST "
+                         f"train images per domain ({BENCHMARK_SLOTS} disjoint slots of the train split); "
+                         f"use n_train <= {MAX_TRAIN_PER_DOMAIN}")
+    if n_test > MAX_TEST_PER_DOMAIN:
+        raise ValueError(f"n_test={n_test} is too large: the benchmark's test region holds {MAX_TEST_PER_DOMAIN} "
+                         f"Fashion-MNIST test images, shared by the domains; use n_test <= {MAX_TEST_PER_DOMAIN}")
+
+
 def _render_split(domain: str, split: str, n: int, seed: int, purpose: str) -> ImageSet:
     start, end = FASHION_REGIONS[split]["benchmark"]
     if split == "train":
         # each domain trains on its own garments, so no expert has seen another domain's images
-        if n > MAX_TRAIN_PER_DOMAIN:
-            raise ValueError(f"n_train={n} is too large: the benchmark holds {MAX_TRAIN_PER_DOMAIN} Fashion-MNIST "
-                             f"train images per domain ({BENCHMARK_SLOTS} disjoint slots of the train split); "
-                             f"use n_train <= {MAX_TRAIN_PER_DOMAIN}")
         first = start + _SLOT[domain] * MAX_TRAIN_PER_DOMAIN
         index = draw_from_region(split, first, first + MAX_TRAIN_PER_DOMAIN, n, seed, f"{purpose}/{domain}/{split}")
     else:
         # every domain is tested on the same garments (the whole benchmark region of the test split,
         # up to its size), rendered in its own style: larger test sets, and domains compared on equal content
-        if n > MAX_TEST_PER_DOMAIN:
-            raise ValueError(f"n_test={n} is too large: the benchmark's test region holds {MAX_TEST_PER_DOMAIN} "
-                             f"Fashion-MNIST test images; use n_test <= {MAX_TEST_PER_DOMAIN}")
         index = draw_from_region(split, start, end, n, seed, f"{purpose}/{split}")
     images, labels = load_fashion_mnist(split)
     rgb = render_domain(domain, images[index], derive_seed(seed, purpose, split))
@@ -271,6 +277,7 @@ def make_domain_benchmark(
     the ``fashion`` task).
     """
     domains = _check_domains(domains)
+    check_benchmark_sizes(n_train, n_test)
     train = {d: _render_split(d, "train", n_train, seed, "benchmark") for d in domains}
     test = {d: _render_split(d, "test", n_test, seed, "benchmark") for d in domains}
     return DomainBenchmark("fashion-domains", domains, FASHION_MNIST_CLASSES, train, test, seed)

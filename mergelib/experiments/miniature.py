@@ -27,8 +27,8 @@ import torch
 
 from mergelib.models.backbones import BACKBONES, Clip, create_clip
 from mergelib.io.checkpoints import cached_state, cached_tables, config_hash, expect_shapes
-from mergelib.data import (DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, MAX_TEST_PER_DOMAIN, MAX_TRAIN_PER_DOMAIN,
-                           MINI_SUITE_TASKS, ImageSet, make_domain_benchmark, make_task)
+from mergelib.data import (DEFAULT_DOMAINS, DOMAIN_BENCHMARK_TEMPLATES, DOMAINS, MINI_SUITE_TASKS, ImageSet,
+                           check_benchmark_sizes, make_domain_benchmark, make_task)
 from mergelib.protocols.domain_generalization import evaluate_leave_one_domain_out
 from mergelib.errors import ParameterError, lookup
 from mergelib.models.evaluation import EncoderEvaluator
@@ -140,10 +140,10 @@ class MiniatureConfig:
                      "task_n_train", "task_n_val", "task_n_test", "esm_proxy_count", "task_epochs"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
-        for name, most in (("n_train", MAX_TRAIN_PER_DOMAIN), ("n_test", MAX_TEST_PER_DOMAIN)):
-            if getattr(self, name) > most:
-                raise ParameterError(f"parameter {name!r} must be at most {most} (the Fashion-MNIST images a domain "
-                                     f"has), got {getattr(self, name)}")
+        try:
+            check_benchmark_sizes(self.n_train, self.n_test)
+        except ValueError as error:
+            raise ParameterError(f"parameter {str(error)}") from None
 
     @property
     def finetune(self) -> FinetuneConfig:

@@ -27,8 +27,8 @@ def test_loose_values_are_coerced():
         ({"coefficients": ["1.0"]}, r"'coefficients\[0\]' must be float"),
         ({"epoch": 3}, "unknown parameter.*valid parameters: .*epochs"),
         ({"epochs": 0}, "'epochs' must be at least 1"),
-        ({"n_test": 7501}, "'n_test' must be at most 7500"),
-        ({"n_train": 4001}, "'n_train' must be at most 4000"),
+        ({"n_test": 7501}, "parameter n_test=7501 is too large.*use n_test <= 7500"),
+        ({"n_train": 4001}, "parameter n_train=4001 is too large.*use n_train <= 4000"),
         ({"domains": ["photo"]}, "at least two domains"),
     ],
 )
